@@ -1,0 +1,55 @@
+"""H2O: heavy hitters by attention accumulated over the whole prompt, plus a recent window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from capkv.attention import received_attention
+from capkv.layer import LayerPrefill
+from capkv.method import EvictionMethod
+
+
+@dataclass
+class H2O(EvictionMethod):
+    """H2O (Zhang et al. 2023, arXiv 2306.14048), in the one-shot prefill form of the
+    KV-eviction benchmarks.
+
+    Each key's score is the attention it receives, summed over every prompt query (causal
+    softmax over the full prompt), averaged over the query heads of its KV head; the top
+    ``budget - window`` non-window tokens are kept with the last ``window`` tokens. The
+    original evicts one token per decoding step; this is its prefill analogue. Queries are
+    processed in chunks, so memory grows as ``chunk x T``, never ``T x T``, and no attention
+    weights are asked of the model (sdpa and flash-attention keep working).
+
+    Parameters
+    ----------
+    window : int
+        Recent tokens always kept.
+    chunk : int
+        Queries per chunk when accumulating attention (memory versus speed only).
+    """
+
+    window: int = 32
+    chunk: int = 128
+
+    def __post_init__(self) -> None:
+        if self.window < 0:
+            raise ValueError(f"H2O window must be >= 0, got {self.window}.")
+        if self.chunk < 1:
+            raise ValueError(f"H2O chunk must be >= 1 query, got {self.chunk}.")
+
+    def protected(self, prompt_length: int) -> tuple[int, int]:
+        return 0, self.window
+
+    def score(self, layer: LayerPrefill) -> torch.Tensor:
+        prompt_length = layer.prompt_length
+        keys = layer.keys
+        scores = torch.zeros(
+            keys.shape[0], keys.shape[1], prompt_length, dtype=torch.float32, device=keys.device
+        )
+        for start in range(0, prompt_length, self.chunk):
+            end = min(start + self.chunk, prompt_length)
+            scores[..., :end] += received_attention(layer, start, end).mean(dim=2)
+        return scores

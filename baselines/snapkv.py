@@ -1,0 +1,67 @@
+"""SnapKV: keep what the observation window attends to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from capkv.attention import received_attention
+from capkv.layer import LayerPrefill
+from capkv.method import EvictionMethod
+
+
+@dataclass
+class SnapKV(EvictionMethod):
+    """SnapKV (Li et al. 2024, arXiv 2404.14469).
+
+    The last ``window`` prompt tokens (the observation window, which holds the question in
+    query-aware runs) attend to the earlier tokens; their attention, averaged over the window
+    queries and smoothed by a 1-D pooling along the keys, ranks the earlier tokens. The top
+    ``budget - window`` of them are kept with the whole window. Scores are averaged over the
+    query heads of each KV head.
+
+    Parameters
+    ----------
+    window : int
+        Observation window, always kept. SnapKV and PyramidKV use 32 in their LongBench runs,
+        kvpress 64.
+    kernel : int
+        Pooling kernel along the keys (odd; padding kernel // 2, stride 1). Larger keeps
+        neighbourhoods of attended tokens rather than single tokens.
+    pooling : str
+        "max" (the SnapKV and PyramidKV LongBench configs) or "avg" (kvpress; zero padding
+        counted in the mean at the edges).
+    """
+
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"{type(self).__name__} window must be >= 1 token, got {self.window}.")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(
+                f"{type(self).__name__} kernel must be odd and >= 1, got {self.kernel}."
+            )
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', got {self.pooling!r}.")
+
+    def protected(self, prompt_length: int) -> tuple[int, int]:
+        return 0, self.window
+
+    def score(self, layer: LayerPrefill) -> torch.Tensor:
+        prompt_length = layer.prompt_length
+        window = min(self.window, prompt_length)
+        received = received_attention(layer, prompt_length - window, prompt_length)
+        scores = received[..., : prompt_length - window] / window  # (B, H_kv, G, T - w)
+        flat = scores.flatten(0, 2).unsqueeze(1)
+        padding = self.kernel // 2
+        if self.pooling == "max":
+            pooled = F.max_pool1d(flat, self.kernel, stride=1, padding=padding)
+        else:
+            pooled = F.avg_pool1d(flat, self.kernel, stride=1, padding=padding)
+        scores = pooled.view(scores.shape).mean(dim=2)
+        return F.pad(scores, (0, window))

@@ -1,0 +1,42 @@
+"""The paper's objective: the log-det capacity a kept set retains.
+
+CapKV (arXiv 2604.25975, Sec. 3) scores a retained set C by
+``L_C = 1/2 logdet(I + sum_{i in C} w_i v_i v_i^T)``, the information the kept value
+directions carry about future queries under a linear-Gaussian surrogate of attention, with
+``w_i`` the relevance of token i to the query anchor. Any method's kept set can be measured
+against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def log_det_capacity(
+    values: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor | None = None
+) -> torch.Tensor:
+    """1/2 logdet(I + sum_{i in C} w_i v_i v_i^T) for each batch row and head.
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        Value vectors (..., T, d).
+    weights : torch.Tensor
+        Relevance weights (..., T), non-negative.
+    kept : torch.Tensor, optional
+        Indices (..., n) of the kept set C; all T tokens when None.
+
+    Returns
+    -------
+    torch.Tensor
+        The capacity (...), in nats, computed in float64.
+    """
+    values = values.double()
+    weights = weights.double()
+    if kept is not None:
+        values = values.gather(-2, kept.unsqueeze(-1).expand(*kept.shape, values.shape[-1]))
+        weights = weights.gather(-1, kept)
+    scaled = values * weights.clamp_min(0).sqrt().unsqueeze(-1)
+    identity = torch.eye(values.shape[-1], dtype=torch.float64, device=values.device)
+    gram = identity + scaled.transpose(-1, -2) @ scaled
+    return 0.5 * torch.linalg.slogdet(gram).logabsdet

@@ -1,0 +1,141 @@
+"""Decoding from a compressed cache: per-layer causal masks and a greedy loop.
+
+After eviction each layer's cache is shorter than the prompt, and with per-layer budgets
+(PyramidKV) the layers no longer agree on a length, while transformers builds one mask for all
+layers from layer 0 and the cache position. The pre-hooks here replace that mask in every
+attention layer with one built from the layer's own cache length: new tokens see the whole
+kept cache and each other causally. Positions (RoPE) keep counting the uncompressed prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import Cache, PreTrainedModel
+
+
+def attention_layers(model: PreTrainedModel) -> list[nn.Module]:
+    """The self-attention modules of a Llama-family decoder, in layer order."""
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def _cache_of(kwargs: dict) -> Cache | None:
+    return kwargs.get("past_key_values", kwargs.get("past_key_value"))
+
+
+def layer_causal_mask(
+    cached_length: int, new_length: int, attn_implementation: str, dtype: torch.dtype, device
+) -> torch.Tensor | None:
+    """Mask of ``new_length`` queries over ``cached_length`` kept tokens plus themselves.
+
+    Returns None where the attention kernel already does the right thing: a single query
+    attends to everything, and flash-attention aligns its causal mask bottom-right.
+    """
+    if new_length == 1 or attn_implementation.startswith("flash"):
+        return None
+    total = cached_length + new_length
+    rows = torch.arange(new_length, device=device).unsqueeze(1)
+    allowed = torch.arange(total, device=device).unsqueeze(0) <= rows + cached_length
+    allowed = allowed.view(1, 1, new_length, total)
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def _mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    cache = _cache_of(kwargs)
+    if cache is None:
+        return args, kwargs
+    cached_length = cache.get_seq_length(module.layer_idx)
+    if cached_length == 0:
+        return args, kwargs
+    hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+    kwargs["attention_mask"] = layer_causal_mask(
+        cached_length,
+        hidden_states.shape[1],
+        module.config._attn_implementation,
+        hidden_states.dtype,
+        hidden_states.device,
+    )
+    return args, kwargs
+
+
+@contextmanager
+def per_layer_masks(model: PreTrainedModel) -> Iterator[None]:
+    """While active, every attention layer masks against its own cache length."""
+    handles = [
+        module.register_forward_pre_hook(_mask_pre_hook, with_kwargs=True)
+        for module in attention_layers(model)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: PreTrainedModel,
+    cache: Cache,
+    start_position: int,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int] = (),
+    input_ids: torch.Tensor | None = None,
+    next_token_logits: torch.Tensor | None = None,
+) -> list[int]:
+    """Greedy decoding that continues a (possibly compressed) cache.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        The causal LM whose cache ``cache`` holds the prefilled prompt.
+    cache : Cache
+        The cache after prefill (compressed or not); extended in place.
+    start_position : int
+        Position of the next token in the uncompressed sequence (tokens seen so far).
+    max_new_tokens : int
+        Tokens to generate at most.
+    eos_token_ids : Sequence[int]
+        Generation stops after any of these (the stop token is returned).
+    input_ids : torch.Tensor, optional
+        (1, n) tokens to feed before generating, e.g. the question under the context-only
+        protocol.
+    next_token_logits : torch.Tensor, optional
+        (vocab,) logits of the prefill's last position, when the whole prompt is in the cache.
+        Exactly one of ``input_ids`` and ``next_token_logits`` is given.
+
+    Returns
+    -------
+    list[int]
+        The generated token ids.
+    """
+    if (input_ids is None) == (next_token_logits is None):
+        raise ValueError("Pass exactly one of input_ids and next_token_logits to greedy_generate.")
+    device = model.device
+    generated: list[int] = []
+    position = start_position
+    with per_layer_masks(model):
+        while len(generated) < max_new_tokens:
+            if input_ids is not None:
+                n_new = input_ids.shape[1]
+                positions = torch.arange(position, position + n_new, device=device).unsqueeze(0)
+                next_token_logits = model(
+                    input_ids=input_ids.to(device),
+                    past_key_values=cache,
+                    position_ids=positions,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[0, -1]
+                position += n_new
+            token = int(next_token_logits.argmax())
+            generated.append(token)
+            if token in eos_token_ids:
+                break
+            input_ids = torch.tensor([[token]], device=device)
+    return generated

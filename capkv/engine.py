@@ -1,0 +1,165 @@
+"""Apply an eviction method to a transformers model as a context manager.
+
+Inside ``with evict(model, method, budget=512):`` a prefill into an empty ``DynamicCache``
+leaves every layer's cache compressed; decoding inside the context (``model.generate`` or
+:func:`capkv.decoding.greedy_generate`) continues at the original positions. Outside it the
+model is exactly as before: the hooks are removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Cache, PreTrainedModel
+
+from capkv.budget import Budget
+from capkv.decoding import attention_layers, per_layer_masks
+from capkv.layer import LayerPrefill
+from capkv.method import EvictionMethod
+from capkv.models import check_supported
+
+
+@dataclass
+class CompressionRecord:
+    """What one prefill kept.
+
+    Attributes
+    ----------
+    prompt_length : int
+        Tokens in the prefill (0 until a prefill ran).
+    kept : dict[int, torch.Tensor]
+        Per layer, the sorted kept indices (B, H_kv, n); a layer left whole is absent.
+    num_layers : int
+        Number of decoder layers.
+    """
+
+    num_layers: int
+    prompt_length: int = 0
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def kept_per_layer(self) -> list[int]:
+        """Tokens kept per KV head in each layer."""
+        return [
+            int(self.kept[i].shape[-1]) if i in self.kept else self.prompt_length
+            for i in range(self.num_layers)
+        ]
+
+
+def prefill_state(
+    module: nn.Module, kwargs: dict, rotary_emb: nn.Module, num_layers: int
+) -> LayerPrefill | None:
+    """The layer's prefill state after its forward, or None if this forward is not a prefill.
+
+    A prefill is a forward that filled an empty cache layer (its cache holds exactly the
+    tokens of this forward).
+    """
+    cache: Cache | None = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    hidden_states = kwargs["hidden_states"]
+    if cache is None:
+        return None
+    cache_layer = cache.layers[module.layer_idx]
+    if cache_layer.get_seq_length() != hidden_states.shape[1]:
+        return None
+    if hidden_states.shape[0] != 1:
+        raise ValueError(
+            f"KV eviction supports batch size 1, got a batch of {hidden_states.shape[0]}: "
+            "run the prompts one at a time."
+        )
+    cos, sin = kwargs["position_embeddings"]
+    return LayerPrefill(
+        module=module,
+        rotary_emb=rotary_emb,
+        num_layers=num_layers,
+        hidden_states=hidden_states,
+        keys=cache_layer.keys,
+        values=cache_layer.values,
+        cos=cos,
+        sin=sin,
+    )
+
+
+def gather_tokens(states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Select tokens (B, H_kv, n) from cached states (B, H_kv, T, d)."""
+    expanded = indices.unsqueeze(-1).expand(-1, -1, -1, states.shape[-1])
+    return states.gather(2, expanded).contiguous()
+
+
+def resolve_budget(
+    method: EvictionMethod, budget: Budget | int | None, ratio: float | None
+) -> Budget | None:
+    """A validated Budget from either convention (None for methods that never evict)."""
+    if isinstance(budget, Budget):
+        if ratio is not None:
+            raise ValueError("Give the ratio inside the Budget or as ratio=, not both.")
+        resolved = budget
+    elif not method.evicts and budget is None and ratio is None:
+        return None
+    else:
+        resolved = Budget(tokens=budget, ratio=ratio)
+    method.check_budget(resolved)
+    return resolved
+
+
+@contextmanager
+def evict(
+    model: PreTrainedModel,
+    method: EvictionMethod,
+    budget: Budget | int | None = None,
+    ratio: float | None = None,
+) -> Iterator[CompressionRecord]:
+    """Compress every layer's cache at the end of a prefill run inside this context.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3), any attention implementation.
+    method : EvictionMethod
+        Which tokens to keep (CapKV or a baseline).
+    budget : Budget or int, optional
+        Tokens kept per KV head per layer (protected tokens included), or a Budget.
+    ratio : float, optional
+        Fraction of the prompt removed, in [0, 1) (kvpress's convention). Exactly one of
+        ``budget`` and ``ratio`` is given, except for methods that never evict.
+
+    Yields
+    ------
+    CompressionRecord
+        Filled by the prefill: the prompt length and the kept indices of every layer.
+    """
+    check_supported(model)
+    resolved = resolve_budget(method, budget, ratio)
+    layers = attention_layers(model)
+    record = CompressionRecord(num_layers=len(layers))
+    rotary_emb = model.model.rotary_emb
+
+    def compress_after_prefill(module: nn.Module, args: tuple, kwargs: dict, output):
+        state = prefill_state(module, kwargs, rotary_emb, len(layers))
+        if state is None:
+            return output
+        record.prompt_length = state.prompt_length
+        if resolved is None:
+            return output
+        with torch.no_grad():
+            indices = method.kept_indices(state, resolved)
+        if indices is not None:
+            cache_layer = kwargs.get("past_key_values", kwargs.get("past_key_value")).layers[
+                module.layer_idx
+            ]
+            cache_layer.keys = gather_tokens(state.keys, indices)
+            cache_layer.values = gather_tokens(state.values, indices)
+            record.kept[module.layer_idx] = indices
+        return output
+
+    handles = [
+        module.register_forward_hook(compress_after_prefill, with_kwargs=True) for module in layers
+    ]
+    try:
+        with per_layer_masks(model):
+            yield record
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,59 @@
+"""From an Example to token ids: the context part and the question part, split once.
+
+Both protocols see exactly the same tokens: the prompt is rendered once (with the model's chat
+template where the task asks for it), split where the question starts, and the two pieces are
+tokenised separately. ``query_aware`` prefills ``context_ids + question_ids`` together;
+``context_only`` prefills ``context_ids`` and feeds ``question_ids`` after compression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from capkv.tasks.base import Example
+
+_SPLIT = "\x00CAPKV-QUESTION-STARTS-HERE\x00"
+
+
+@dataclass
+class PromptIds:
+    """Token ids (1, n) of the two parts of a prompt."""
+
+    context_ids: torch.Tensor
+    question_ids: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.context_ids.shape[1] + self.question_ids.shape[1]
+
+    def full(self) -> torch.Tensor:
+        return torch.cat([self.context_ids, self.question_ids], dim=1)
+
+
+def render_parts(tokenizer: Any, example: Example) -> tuple[str, str]:
+    """The prompt text before and after the point where the question starts."""
+    if example.use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": example.context + _SPLIT + example.question}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        before, after = text.split(_SPLIT)
+        return before, after + example.answer_prefix
+    return example.context, example.question + example.answer_prefix
+
+
+def tokenize_prompt(tokenizer: Any, example: Example) -> PromptIds:
+    """Tokenise the two parts; the beginning-of-sequence token, if any, opens the context."""
+    before, after = render_parts(tokenizer, example)
+    templated = example.use_chat_template and getattr(tokenizer, "chat_template", None)
+    context = tokenizer(before, add_special_tokens=not templated)["input_ids"]
+    question = tokenizer(after, add_special_tokens=False)["input_ids"]
+    return PromptIds(torch.tensor([context]), torch.tensor([question]))
+
+
+def prompt_overhead(tokenizer: Any) -> int:
+    """Tokens the chat template adds around the user's text (to budget the prompt length)."""
+    example = Example("probe", "", "", [], 1)
+    before, after = render_parts(tokenizer, example)
+    return len(tokenizer(before + after, add_special_tokens=True)["input_ids"]) + 1

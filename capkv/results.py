@@ -1,0 +1,207 @@
+"""Where runs write, how they resume, and how all runs become tables.
+
+One run = one (model, task, method, budget, protocol) cell, in its own directory::
+
+    <results>/runs/<model>/<task>/<method>/<budget>/<protocol>/
+        examples.jsonl   one row per finished example, appended and flushed as it finishes
+        metrics.json     mean scores (x 100) overall and per subtask, written atomically
+        config.yaml      the resolved config of the run
+
+A rerun skips the examples already in ``examples.jsonl``; a killed run loses at most the
+example in flight. :func:`aggregate` collects every ``metrics.json`` (and the needle rows) into
+``<results>/*.csv`` and ``<results>/*.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RUNS = "runs"
+EXAMPLES = "examples.jsonl"
+METRICS = "metrics.json"
+CONFIG = "config.yaml"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def run_directory(
+    results_dir: str | Path, model: str, task: str, method: str, budget: str, protocol: str
+) -> Path:
+    """The directory of one run; names are made path-safe (``/`` becomes ``--``)."""
+    parts = [model, task, method, budget, protocol]
+    return Path(results_dir, RUNS, *(part.replace("/", "--") for part in parts))
+
+
+def finished_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Rows already written; a torn last line (a run killed mid-write) is dropped."""
+    path = run_dir / EXAMPLES
+    if not path.exists():
+        return []
+    rows = []
+    with path.open() as stream:
+        for line in stream:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+class ExampleLog:
+    """Appends one JSON row per example and flushes it to disk at once."""
+
+    def __init__(self, run_dir: Path, rows: list[dict[str, Any]]) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / EXAMPLES
+        # Rewrite the valid rows so a torn last line never stays in the file.
+        write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
+        self._stream = path.open("a")
+
+    def append(self, row: dict[str, Any]) -> None:
+        self._stream.write(json.dumps(row) + "\n")
+        self._stream.flush()
+        os.fsync(self._stream.fileno())
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of every score (x 100) overall and per subtask; the overall mean of a task with
+    subtasks is the mean over subtasks (LongBench's average), not over examples."""
+    by_subtask: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for row in rows:
+        by_subtask[row.get("subtask") or ""].append(row["scores"])
+
+    def mean_scores(score_rows: list[dict[str, float]]) -> dict[str, float]:
+        names = list(score_rows[0]) if score_rows else []
+        return {n: 100 * sum(r[n] for r in score_rows) / len(score_rows) for n in names}
+
+    subtasks = {name: mean_scores(scores) for name, scores in sorted(by_subtask.items()) if name}
+    if subtasks:
+        names = list(next(iter(subtasks.values())))
+        overall = {n: sum(s[n] for s in subtasks.values()) / len(subtasks) for n in names}
+    else:
+        overall = mean_scores(by_subtask.get("", []))
+    return {"n_examples": len(rows), "scores": overall, "subtasks": subtasks}
+
+
+def write_metrics(run_dir: Path, identity: dict[str, Any], rows: list[dict[str, Any]]) -> dict:
+    """Write ``metrics.json`` for the rows so far; returns what was written."""
+    kept = [sum(r["kept_tokens_per_layer"]) / len(r["kept_tokens_per_layer"]) for r in rows]
+    prompt = [r["prompt_tokens"] for r in rows]
+    metrics = {
+        **identity,
+        **summarize(rows),
+        "mean_prompt_tokens": sum(prompt) / len(prompt) if prompt else math.nan,
+        "mean_kept_tokens": sum(kept) / len(kept) if kept else math.nan,
+    }
+    write_atomically(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def load_metrics(results_dir: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(Path(results_dir, RUNS).rglob(METRICS))]
+
+
+def score_table(results_dir: str | Path) -> pd.DataFrame:
+    """One row per run and subtask (``subtask = "average"`` holds the task's headline)."""
+    records = []
+    for metrics in load_metrics(results_dir):
+        identity = {k: metrics[k] for k in ("model", "task", "method", "budget", "protocol")}
+        identity["kept_fraction"] = metrics["mean_kept_tokens"] / max(
+            metrics["mean_prompt_tokens"], 1
+        )
+        for subtask, scores in [("average", metrics["scores"]), *metrics["subtasks"].items()]:
+            for metric, value in scores.items():
+                records.append({**identity, "subtask": subtask, "metric": metric, "score": value})
+    return pd.DataFrame.from_records(
+        records,
+        columns=[
+            "model",
+            "task",
+            "method",
+            "budget",
+            "protocol",
+            "kept_fraction",
+            "subtask",
+            "metric",
+            "score",
+        ],
+    )
+
+
+def needle_table(results_dir: str | Path) -> pd.DataFrame:
+    """Per-example rows of every needle run: context length, depth and scores."""
+    records = []
+    for metrics_path in sorted(Path(results_dir, RUNS).rglob(METRICS)):
+        metrics = json.loads(metrics_path.read_text())
+        if not metrics["task"].startswith("needle"):
+            continue
+        identity = {k: metrics[k] for k in ("model", "task", "method", "budget", "protocol")}
+        for row in finished_rows(metrics_path.parent):
+            meta = row.get("metadata", {})
+            records.append(
+                {
+                    **identity,
+                    "context_length": meta.get("context_length"),
+                    "depth": meta.get("depth"),
+                    "prompt_tokens": row["prompt_tokens"],
+                    **row["scores"],
+                }
+            )
+    return pd.DataFrame.from_records(records)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """A Markdown table (pandas' to_markdown needs tabulate; this does not)."""
+    if frame.empty:
+        return "(no runs yet)\n"
+    columns = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for values in frame.itertuples(index=False):
+        cells = [f"{v:.1f}" if isinstance(v, float) else str(v) for v in values]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """Write ``scores.csv/.md`` (every run), ``main_table.csv/.md`` (method x budget, headline
+    score per task) and ``needle.csv`` under ``results_dir``; return the frames."""
+    results_dir = Path(results_dir)
+    scores = score_table(results_dir)
+    headline = scores[scores["subtask"] == "average"].drop_duplicates(
+        ["model", "task", "method", "budget", "protocol"]
+    )
+    main = headline.pivot_table(
+        index=["model", "protocol", "method", "budget"], columns="task", values="score"
+    ).reset_index()
+    if not main.empty:
+        tasks = [c for c in main.columns if c not in ("model", "protocol", "method", "budget")]
+        main["average"] = main[tasks].mean(axis=1)
+    needle = needle_table(results_dir)
+    frames = {"scores": scores, "main_table": main, "needle": needle}
+    for name, frame in frames.items():
+        write_atomically(results_dir / f"{name}.csv", frame.to_csv(index=False))
+        if name != "needle":
+            write_atomically(results_dir / f"{name}.md", markdown(frame))
+    return frames

@@ -1,0 +1,255 @@
+"""Needle in a haystack: a grid of context lengths x needle depths over Paul Graham's essays.
+
+Kamradt's test (github.com/gkamradt/LLMTest_NeedleInAHaystack) hides one sentence, the needle, at
+a given depth of a haystack of essays cut to a given length and asks for it back; results are drawn
+as a heatmap (x = length, y = depth). The default needle is RULER's (Hsieh et al. 2024, arXiv
+2404.06654): a 7-digit "special magic number" for a random key, scored by string match, plus a
+graded score (edit similarity of the digits) because small models under eviction drop single
+digits long before they lose the needle (see METHODS.md, "Measured on SmolLM2").
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from capkv.tasks.base import Example
+from capkv.tasks.haystack import build_haystack, insert_needles
+
+# Key words in RULER's "adjective-noun" style (RULER draws them from the wonderwords lists).
+_ADJECTIVES = (
+    "ancient", "bitter", "brave", "calm", "clever", "crooked", "curious", "dusty", "eager",
+    "fancy", "fragile", "gentle", "gloomy", "grumpy", "hollow", "humble", "jittery", "jolly",
+    "lazy", "lively", "lucky", "mellow", "nervous", "noisy", "odd", "polite", "proud", "quiet",
+    "rapid", "rusty", "shiny", "silent", "sleepy", "steady", "stormy", "tidy", "vivid", "wary",
+    "witty", "zealous",
+)  # fmt: skip
+_NOUNS = (
+    "anchor", "badger", "banjo", "beacon", "bicycle", "canyon", "carpet", "castle", "comet",
+    "compass", "falcon", "garden", "glacier", "harbor", "hospital", "kettle", "lantern", "meadow",
+    "mirror", "muffin", "orchard", "otter", "parrot", "pebble", "pillow", "puzzle", "quartz",
+    "raven", "saddle", "shovel", "teapot", "thimble", "tractor", "trumpet", "tulip", "violin",
+    "walrus", "wagon", "willow", "zeppelin",
+)  # fmt: skip
+
+NEEDLE_KINDS: dict[str, dict[str, str]] = {
+    "magic_number": {
+        "needle": "One of the special magic numbers for {key} is: {value}.",
+        "question": "What is the special magic number for {key} mentioned in the provided text?",
+        "answer": "{value}",
+        "answer_prefix": "The special magic number for {key} mentioned in the provided text is",
+    },
+    "san_francisco": {
+        "needle": "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park "
+        "on a sunny day.",
+        "question": "What is the best thing to do in San Francisco?",
+        "answer": "eat a sandwich and sit in Dolores Park on a sunny day",
+        "answer_prefix": "The best thing to do in San Francisco is",
+    },
+}
+_DEFAULT_MAX_NEW_TOKENS = {"magic_number": 16, "san_francisco": 32}
+
+
+def magic_key(rng: random.Random) -> str:
+    """A RULER-style key such as ``"jittery-hospital"``."""
+    return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
+
+
+def magic_number(rng: random.Random, num_digits: int = 7) -> str:
+    """A random number of exactly ``num_digits`` digits (RULER's needle values have 7)."""
+    return str(rng.randint(10 ** (num_digits - 1), 10**num_digits - 1))
+
+
+def prompt_tokens(tokenizer: Any, example: Example) -> int:
+    """Tokens of the full prompt: chat template (when used and available) and answer prefix."""
+    user = example.context + example.question
+    if example.use_chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        return len(tokenizer(text + example.answer_prefix, add_special_tokens=False)["input_ids"])
+    return len(tokenizer(f"{user}{example.answer_prefix}")["input_ids"])
+
+
+def check_prompt_fits(tokenizer: Any, example: Example, max_prompt_tokens: int) -> None:
+    """Raise one clear error when an example's prompt is longer than the model allows."""
+    length = example.metadata["context_length"]
+    needed = prompt_tokens(tokenizer, example)
+    if needed > max_prompt_tokens:
+        largest = length - (needed - max_prompt_tokens)
+        raise ValueError(
+            f"context length {length} gives a {needed}-token prompt, more than the model limit "
+            f"of {max_prompt_tokens} prompt tokens; pass task.context_lengths=[...] with lengths "
+            f"up to about {largest}"
+        )
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions) between two strings."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(
+                min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
+            )
+        previous = current
+    return previous[-1]
+
+
+def digit_similarity(prediction: str, value: str) -> float:
+    """1 - edit distance / longer length, between the first run of digits and ``value``.
+
+    0 when the prediction has no digit. " 349233." against "3492333" scores 1 - 1/7.
+    """
+    match = re.search(r"\d+", prediction)
+    if match is None:
+        return 0.0
+    digits = match.group()
+    return 1.0 - levenshtein(digits, value) / max(len(digits), len(value))
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, punctuation removed, whitespace collapsed."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(text.split())
+
+
+def rouge1_recall(prediction: str, reference: str) -> float:
+    """ROUGE-1 recall: clipped fraction of the reference's words found in the prediction."""
+    reference_words = Counter(normalize_text(reference).split())
+    if not reference_words:
+        return 0.0
+    overlap = reference_words & Counter(normalize_text(prediction).split())
+    return sum(overlap.values()) / sum(reference_words.values())
+
+
+@dataclass
+class NeedleTask:
+    """Needle-in-a-haystack grid over Paul Graham's essays (Kamradt; needles as in RULER).
+
+    One example per (context length, depth) cell. The user prompt is ``"<context>\\n\\n<question>"``
+    with the answer prefix opening the assistant turn (METHODS.md, "Needle in a haystack").
+
+    Parameters
+    ----------
+    context_lengths : list[int]
+        Length of the context (essays with the needle inserted) in tokens of the model's
+        tokenizer, within a few tokens. The defaults leave room in an 8k-position model (SmolLM2)
+        for the chat template, the question, the answer prefix and the answer.
+    depths : list[float]
+        Needle depths in percent of the context (0 = first sentence, 100 = end).
+    needle_kind : str
+        ``"magic_number"``: RULER's "One of the special magic numbers for {key} is: {value}." with
+        a 7-digit value and an adjective-noun key, both drawn per cell from ``seed``;
+        ``"san_francisco"``: Kamradt's original needle "The best thing to do in San Francisco is
+        eat a sandwich and sit in Dolores Park on a sunny day."
+    needle, question, answer, answer_prefix : str, optional
+        Override the kind's texts; ``{key}`` and ``{value}`` are filled in per cell.
+    seed : int
+        Seed of the per-cell keys and values.
+    max_new_tokens : int, optional
+        Greedy decoding length; 16 for magic numbers, 32 for the free-text needle by default.
+    name : str
+        Results directory name.
+
+    Notes
+    -----
+    Scores: ``exact`` is RULER's string match (the answer is contained in the prediction, case
+    insensitive; normalised text for the free-text needle); ``graded`` is the edit similarity of
+    the prediction's first number to the magic number, or ROUGE-1 recall of the answer's words
+    for the free-text needle.
+    """
+
+    context_lengths: list[int] = field(
+        default_factory=lambda: [1024, 2048, 3072, 4096, 5120, 6144, 7168]
+    )
+    depths: list[float] = field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0])
+    needle_kind: str = "magic_number"
+    needle: str | None = None
+    question: str | None = None
+    answer: str | None = None
+    answer_prefix: str | None = None
+    seed: int = 42
+    max_new_tokens: int | None = None
+    name: str = "needle"
+
+    def __post_init__(self) -> None:
+        if self.needle_kind not in NEEDLE_KINDS:
+            raise ValueError(
+                f"needle_kind must be one of {sorted(NEEDLE_KINDS)}, got {self.needle_kind!r}"
+            )
+        self.context_lengths = [int(length) for length in self.context_lengths]
+        self.depths = [float(depth) for depth in self.depths]
+        if any(length <= 0 for length in self.context_lengths):
+            raise ValueError(f"context_lengths must be positive, got {self.context_lengths}")
+        if any(not 0 <= depth <= 100 for depth in self.depths):
+            raise ValueError(f"depths must be percentages in [0, 100], got {self.depths}")
+        if self.max_new_tokens is None:
+            self.max_new_tokens = _DEFAULT_MAX_NEW_TOKENS[self.needle_kind]
+
+    def texts(self, context_length: int, depth: float) -> dict[str, str]:
+        """Needle, question, answer and answer prefix of one cell, with key and value filled in."""
+        rng = random.Random(f"{self.seed}:{context_length}:{depth}")
+        fill = {"key": magic_key(rng), "value": magic_number(rng)}
+        overrides = {
+            "needle": self.needle,
+            "question": self.question,
+            "answer": self.answer,
+            "answer_prefix": self.answer_prefix,
+        }
+        return {
+            part: (overrides[part] or default).format(**fill)
+            for part, default in NEEDLE_KINDS[self.needle_kind].items()
+        }
+
+    def example(self, tokenizer: Any, context_length: int, depth: float) -> Example:
+        """The example of one (length, depth) cell."""
+        texts = self.texts(context_length, depth)
+        needle_tokens = len(tokenizer(" " + texts["needle"], add_special_tokens=False)["input_ids"])
+        haystack = build_haystack(tokenizer, max(context_length - needle_tokens, 0))
+        return Example(
+            example_id=f"len{context_length}_depth{depth:g}",
+            context=insert_needles(tokenizer, haystack, [texts["needle"]], [depth]),
+            question="\n\n" + texts["question"],
+            answers=[texts["answer"]],
+            max_new_tokens=self.max_new_tokens,
+            use_chat_template=True,
+            answer_prefix=texts["answer_prefix"],
+            metadata={
+                "context_length": context_length,
+                "depth": depth,
+                "needle_value": texts["answer"],
+            },
+        )
+
+    def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
+        """Yield one example per (length, depth) cell, lengths outer.
+
+        Raises
+        ------
+        ValueError
+            Before yielding anything, if some length's prompt does not fit ``max_prompt_tokens``.
+        """
+        examples = [
+            self.example(tokenizer, length, depth)
+            for length in self.context_lengths
+            for depth in self.depths
+        ]
+        for example in examples:
+            check_prompt_fits(tokenizer, example, max_prompt_tokens)
+        yield from examples
+
+    def score(self, prediction: str, example: Example) -> dict[str, float]:
+        """``exact`` (string match) and ``graded`` (digit edit similarity or ROUGE-1 recall)."""
+        answer = example.answers[0]
+        if self.needle_kind == "magic_number":
+            exact = float(answer.lower() in prediction.lower())
+            return {"exact": exact, "graded": digit_similarity(prediction, answer)}
+        exact = float(normalize_text(answer) in normalize_text(prediction))
+        return {"exact": exact, "graded": rouge1_recall(prediction, answer)}

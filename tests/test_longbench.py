@@ -1,0 +1,341 @@
+"""LongBench task: fixtures, prompt split, per-dataset rules, middle truncation and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra.utils import instantiate
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from capkv.tasks.base import Example
+from capkv.tasks.longbench import (
+    DATASETS,
+    PROMPT_FORMATS,
+    PROMPT_TEMPLATES,
+    CustomJsonlTask,
+    LongBench,
+    PromptFormat,
+    truncate_middle,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
+BIG_BUDGET = 1_000_000
+
+# From THUDM/LongBench config/dataset2maxlen.json.
+EXPECTED_MAX_NEW_TOKENS = {
+    "narrativeqa": 128,
+    "qasper": 128,
+    "samsum": 128,
+    "multifieldqa_en": 64,
+    "trec": 64,
+    "lcc": 64,
+    "repobench-p": 64,
+    "hotpotqa": 32,
+    "2wikimqa": 32,
+    "musique": 32,
+    "triviaqa": 32,
+    "passage_count": 32,
+    "passage_retrieval_en": 32,
+    "gov_report": 512,
+    "qmsum": 512,
+    "multi_news": 512,
+}
+NO_CHAT = {"trec", "triviaqa", "samsum", "lcc", "repobench-p"}
+
+# The official question parts of a few templates, written out to guard against edits.
+EXPECTED_QUESTION_TEMPLATE = {
+    "narrativeqa": "\n\nNow, answer the question based on the story as concisely as you can, "
+    "using a single phrase if possible. Do not provide any explanation.\n\nQuestion: {input}"
+    "\n\nAnswer:",
+    "gov_report": "\n\nNow, write a one-page summary of the report.\n\nSummary:",
+    "trec": "\n{input}",
+    "lcc": "Next line of code:\n",
+    "repobench-p": "{input}Next line of code:\n",
+}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte (no merges): token counts are byte counts, decoding is exact."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE trained on the fixtures, so tokens span several characters."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    texts = [path.read_text(encoding="utf-8") for path in sorted(FIXTURES.glob("*.jsonl"))]
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return byte_tokenizer()
+
+
+def records(dataset: str) -> list[dict[str, Any]]:
+    lines = (FIXTURES / f"{dataset}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def all_examples(tokenizer: Any, budget: int = BIG_BUDGET, **kwargs: Any) -> list[Example]:
+    return list(LongBench(data_dir=str(FIXTURES), **kwargs).examples(tokenizer, budget))
+
+
+def test_fixtures_cover_every_dataset_in_the_official_schema() -> None:
+    fields = {"input", "context", "answers", "length", "dataset", "language", "all_classes", "_id"}
+    for dataset in DATASETS:
+        rows = records(dataset)
+        assert 2 <= len(rows) <= 3
+        for row in rows:
+            assert set(row) == fields
+            assert row["dataset"] == dataset and isinstance(row["answers"], list)
+
+
+def test_loads_every_fixture_with_ids_and_metadata(tokenizer: Any) -> None:
+    examples = all_examples(tokenizer)
+    expected = [(name, row) for name in DATASETS for row in records(name)]
+    assert len(examples) == len(expected)
+    for example, (name, row) in zip(examples, expected, strict=True):
+        assert example.example_id == f"{name}/{row['_id']}"
+        assert example.answers == row["answers"]
+        assert example.metadata == {
+            "subtask": name,
+            "all_classes": row["all_classes"],
+            "length": row["length"],
+        }
+    assert len({example.example_id for example in examples}) == len(examples)
+
+
+def test_context_plus_question_is_the_official_prompt(tokenizer: Any) -> None:
+    examples = iter(all_examples(tokenizer))
+    for name in DATASETS:
+        for row in records(name):
+            example = next(examples)
+            prompt = PROMPT_TEMPLATES[name].format(context=row["context"], input=row["input"])
+            assert example.context + example.question == prompt
+            assert example.context.endswith(row["context"])
+            assert row["input"] in example.question
+
+
+@pytest.mark.parametrize("dataset", sorted(EXPECTED_QUESTION_TEMPLATE))
+def test_question_part_follows_the_context(dataset: str) -> None:
+    template = PROMPT_TEMPLATES[dataset]
+    context_part, question_part = PROMPT_FORMATS[dataset].parts("{context}", "{input}")
+    assert question_part == EXPECTED_QUESTION_TEMPLATE[dataset]
+    assert context_part + question_part == template
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_generation_length_and_chat_template_rule(tokenizer: Any, dataset: str) -> None:
+    examples = all_examples(tokenizer, datasets=[dataset])
+    assert {example.max_new_tokens for example in examples} == {EXPECTED_MAX_NEW_TOKENS[dataset]}
+    assert {example.use_chat_template for example in examples} == {dataset not in NO_CHAT}
+
+
+def test_max_examples_and_single_dataset_string(tokenizer: Any) -> None:
+    assert len(all_examples(tokenizer, max_examples=1)) == 16
+    task = LongBench(datasets="trec", data_dir=str(FIXTURES))  # type: ignore[arg-type]
+    assert task.datasets == ["trec"]
+
+
+def test_hydra_instantiates_the_task() -> None:
+    config = {
+        "_target_": "capkv.tasks.longbench.LongBench",
+        "datasets": ["trec", "lcc"],
+        "data_dir": str(FIXTURES),
+        "max_examples": 1,
+    }
+    task = instantiate(config)
+    assert isinstance(task, LongBench) and task.datasets == ["trec", "lcc"]
+
+
+def test_short_prompts_are_left_whole(tokenizer: Any) -> None:
+    row = records("hotpotqa")[0]
+    fmt = PROMPT_FORMATS["hotpotqa"]
+    prompt_tokens = len("".join(fmt.parts(row["context"], row["input"])).encode())
+    kept = truncate_middle(tokenizer, fmt, row["context"], row["input"], prompt_tokens)
+    assert kept == row["context"]
+
+
+def test_middle_truncation_keeps_both_ends_of_the_context(tokenizer: Any) -> None:
+    # byte tokenizer: tokens = bytes. Cutting 41 tokens leaves keep = len(context) - 41 of the
+    # context, keep // 2 from its start and keep - keep // 2 from its end.
+    row = records("narrativeqa")[0]
+    fmt = PROMPT_FORMATS["narrativeqa"]
+    context = row["context"]
+    prompt_tokens = len("".join(fmt.parts(context, row["input"])).encode())
+    budget = prompt_tokens - 41
+    kept = truncate_middle(tokenizer, fmt, context, row["input"], budget)
+    keep = len(context) - 41
+    assert kept == context[: keep // 2] + context[len(context) - (keep - keep // 2) :]
+    example = next(LongBench(["narrativeqa"], str(FIXTURES)).examples(tokenizer, budget))
+    assert len((example.context + example.question).encode()) == budget
+    assert example.question == fmt.parts("", row["input"])[1]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_truncated_prompts_fit_a_multi_character_tokenizer(
+    bpe_tokenizer: PreTrainedTokenizerFast, dataset: str
+) -> None:
+    # budget: the longest prompt with an empty context plus 15 tokens, so every context is cut
+    tokenizer = bpe_tokenizer
+    fmt = PROMPT_FORMATS[dataset]
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    budget = 15 + max(count("".join(fmt.parts("", row["input"]))) for row in records(dataset))
+    examples = all_examples(tokenizer, budget, datasets=[dataset])
+    for example, row in zip(examples, records(dataset), strict=True):
+        prompt = example.context + example.question
+        assert count(prompt) <= budget
+        full = "".join(fmt.parts(row["context"], row["input"]))
+        assert len(prompt) < len(full)
+        assert example.question == fmt.parts("", row["input"])[1]
+
+
+def test_budget_below_the_instructions_is_rejected(tokenizer: Any) -> None:
+    with pytest.raises(ValueError, match="even with an empty context"):
+        all_examples(tokenizer, budget=20, datasets=["qasper"])
+
+
+def test_score_uses_the_official_metric(tokenizer: Any) -> None:
+    task = LongBench(["trec", "narrativeqa"], str(FIXTURES), max_examples=1)
+    trec, narrativeqa = list(task.examples(tokenizer, BIG_BUDGET))
+    # trec: first line "City" only -> one right match -> 1
+    assert task.score("City\nCountry", trec) == {"score": 1.0}
+    # narrativeqa, answers "Because an automatic lamp replaces the keeper." and "The lighthouse is
+    # automated.": tokens [lighthouse, automated] vs [lighthouse, is, automated]: P = 1,
+    # R = 2/3, F1 = 0.8 for the second answer (overlap 0 with the first); max = 0.8
+    assert task.score("The lighthouse, automated", narrativeqa)["score"] == pytest.approx(0.8)
+
+
+def test_unknown_dataset_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"Unknown LongBench dataset.*'lsht'.*narrativeqa"):
+        LongBench(datasets=["lsht"], data_dir=str(FIXTURES))
+
+
+def test_missing_data_dir_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is not a folder"):
+        LongBench(data_dir=str(tmp_path / "nowhere"))
+
+
+def test_data_dir_without_the_jsonl_file_names_it(tmp_path: Path) -> None:
+    (tmp_path / "trec.jsonl").write_text((FIXTURES / "trec.jsonl").read_text())
+    LongBench(datasets=["trec"], data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"qasper\.jsonl was not found in data_dir '{tmp_path}"):
+        LongBench(datasets=["trec", "qasper"], data_dir=str(tmp_path))
+
+
+def test_unreachable_hub_says_to_pass_data_dir(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    def offline(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    task = LongBench(datasets=["trec"])
+    with pytest.raises(ValueError, match=r"task\.data_dir=<folder of official JSONL files>"):
+        next(task.examples(tokenizer, BIG_BUDGET))
+
+
+def test_non_positive_max_examples_is_rejected() -> None:
+    with pytest.raises(ValueError, match="max_examples"):
+        LongBench(data_dir=str(FIXTURES), max_examples=0)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
+    return path
+
+
+CUSTOM_ROWS = [
+    {
+        "input": "Who wrote it?",
+        "context": "The memo {draft} was written by Ann.",
+        "answers": ["Ann"],
+    },
+    {"_id": "b2", "input": "When?", "context": "It was sent in May.", "answers": ["May", "in May"]},
+]
+
+
+def test_custom_jsonl_task_builds_and_scores(tokenizer: Any, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "memos.jsonl", CUSTOM_ROWS)
+    task = CustomJsonlTask(
+        path=str(path),
+        metric="qa_f1_score",
+        template="Doc: {context}\nQ: {input}\nA:",
+        max_new_tokens=16,
+        use_chat_template=False,
+        name="memos",
+    )
+    first, second = list(task.examples(tokenizer, BIG_BUDGET))
+    # braces inside the data are kept as they are
+    assert first.context == "Doc: The memo {draft} was written by Ann."
+    assert first.question == "\nQ: Who wrote it?\nA:"
+    assert (first.example_id, second.example_id) == ("memos/0", "memos/b2")
+    assert (first.max_new_tokens, first.use_chat_template) == (16, False)
+    assert first.metadata == {"subtask": "memos", "all_classes": None, "length": None}
+    assert task.score("Ann", first) == {"score": 1.0}
+    # "may\nit was" -> tokens [may, it, was] vs "in may" -> [in, may]: P = 1/3, R = 1/2, F1 = 0.4;
+    # vs "may": P = 1/3, R = 1, F1 = 0.5; max = 0.5
+    assert task.score("May\nit was", second)["score"] == pytest.approx(0.5)
+
+
+def test_custom_classification_with_first_line_only(tokenizer: Any, tmp_path: Path) -> None:
+    rows = [{"input": "Q: Rome?", "context": "Q: Oslo?\nCity", "answers": ["City"]}]
+    rows[0]["all_classes"] = ["City", "Country"]
+    task = CustomJsonlTask(
+        path=str(write_jsonl(tmp_path / "types.jsonl", rows)),
+        metric="classification_score",
+        template="{context}\n{input}",
+        max_new_tokens=8,
+        first_line_only=True,
+    )
+    (example,) = task.examples(tokenizer, BIG_BUDGET)
+    # first line "City": one match, right -> 1 (the whole text would give 1/2)
+    assert task.score("City\nCountry", example) == {"score": 1.0}
+
+
+def test_custom_input_before_context_stays_in_the_context_part() -> None:
+    fmt = PromptFormat("Q: {input}\nDoc: {context}\nA:", 8, True)
+    assert fmt.parts("text", "why?") == ("Q: why?\nDoc: text", "\nA:")
+
+
+def test_custom_unknown_metric_lists_valid_ones(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", CUSTOM_ROWS)
+    with pytest.raises(ValueError, match=r"Unknown metric 'bleu'.*qa_f1_score.*code_sim_score"):
+        CustomJsonlTask(str(path), "bleu", "{context}{input}", 8)
+
+
+def test_custom_template_needs_one_context(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", CUSTOM_ROWS)
+    with pytest.raises(ValueError, match="exactly once"):
+        CustomJsonlTask(str(path), "qa_f1_score", "Q: {input}", 8)
+
+
+def test_custom_missing_file_and_fields(tokenizer: Any, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        CustomJsonlTask(str(tmp_path / "none.jsonl"), "qa_f1_score", "{context}", 8)
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"context": "c", "answers": ["a"]}])
+    task = CustomJsonlTask(str(path), "qa_f1_score", "{context}", 8)
+    with pytest.raises(
+        ValueError, match=r"Record 1 of .*bad\.jsonl lacks the field\(s\) \['input'\]"
+    ):
+        next(task.examples(tokenizer, BIG_BUDGET))
