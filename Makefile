@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch unless a CUDA GPU is visible (a bare `torch` would pull a CUDA build).
 TORCH_SPEC := $(shell nvidia-smi -L >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: setup test lint format run figures bench clean
+.PHONY: setup test lint format run figures reproduce bench clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,19 @@ format: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_prefill.py
+	$(BIN)/python scripts/bench_sweep.py
+
+run: setup
+	$(BIN)/python run.py
+
+# The paper's experiments on SmolLM2-135M-Instruct (CPU); resumable, then the figures.
+reproduce: setup
+	$(BIN)/python run.py +experiment=needle_heatmaps
+	$(BIN)/python run.py +experiment=ruler
+	$(BIN)/python -m capkv.figures
+
+figures: setup
+	$(BIN)/python -m capkv.figures
 
 clean:
 	rm -rf $(VENV) outputs multirun

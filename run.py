@@ -30,8 +30,8 @@ def main(cfg: DictConfig) -> None:
         cause = user_error(error)
         if cause is None:
             raise
-        log.error("%s", cause)
-        sys.exit(2)
+        log.debug("bad input", exc_info=cause)
+        sys.exit(f"error: {cause}")
 
 
 if __name__ == "__main__":

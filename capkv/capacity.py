@@ -29,14 +29,14 @@ def log_det_capacity(
     Returns
     -------
     torch.Tensor
-        The capacity (...), in nats, computed in float64.
+        The capacity (...), in nats, as float64.
     """
-    values = values.double()
-    weights = weights.double()
     if kept is not None:
         values = values.gather(-2, kept.unsqueeze(-1).expand(*kept.shape, values.shape[-1]))
         weights = weights.gather(-1, kept)
-    scaled = values * weights.clamp_min(0).sqrt().unsqueeze(-1)
+    scaled = values * weights.clamp_min(0).sqrt().unsqueeze(-1).to(values.dtype)
+    # The d x d Gram matrix is accumulated in the input's precision (pass float64 values for
+    # exact references); the log-determinant of the small matrix runs in float64.
+    gram = (scaled.transpose(-1, -2) @ scaled).double()
     identity = torch.eye(values.shape[-1], dtype=torch.float64, device=values.device)
-    gram = identity + scaled.transpose(-1, -2) @ scaled
-    return 0.5 * torch.linalg.slogdet(gram).logabsdet
+    return 0.5 * torch.linalg.slogdet(identity + gram).logabsdet

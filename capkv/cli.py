@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -11,17 +12,20 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
+from transformers.utils import logging as transformers_logging
 
 from capkv.budget import Budget
 from capkv.engine import resolve_budget
 from capkv.method import EvictionMethod
 from capkv.results import CONFIG, aggregate, markdown, run_directory, write_atomically
-from capkv.runner import PROTOCOLS, run_cell
+from capkv.runner import PROTOCOLS, CellLog, run_cell
+from capkv.sweep import SweepCell, run_sweep
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "method", "task")
+GROUPS = ("model", "method", "task", "experiment")
+SWEEP_KEYS = ("methods", "budgets", "ratios")
 
 
 def group_options(group: str) -> list[str]:
@@ -35,6 +39,8 @@ def check_group_choices(argv: list[str]) -> None:
     """
     for argument in argv:
         key, _, value = argument.lstrip("+~").partition("=")
+        if key == "methods":
+            key, value = "method", value.strip("[]")
         if key not in GROUPS or not value:
             continue
         valid = group_options(key)
@@ -48,7 +54,9 @@ def check_group_choices(argv: list[str]) -> None:
 @cache
 def load_model_cached(model_yaml: str) -> tuple[Any, Any]:
     """Load each model once per process, so a multirun sweep does not reload it per job."""
-    return instantiate(OmegaConf.create(model_yaml)).load()
+    config = instantiate(OmegaConf.create(model_yaml))
+    log.info("loading model %s", config.name)
+    return config.load()
 
 
 def choose_budget(cfg: DictConfig, method: EvictionMethod) -> Budget | None:
@@ -81,34 +89,122 @@ def check_same_config(run_dir: Path, resolved: dict[str, Any]) -> None:
         )
 
 
-def run_from_config(cfg: DictConfig) -> dict[str, Any]:
-    """Run the cell that ``cfg`` describes and return its metrics."""
+@dataclass
+class PlannedCell:
+    """One (method, budget) cell of a run: what to build and where it writes."""
+
+    method_name: str
+    method_cfg: DictConfig
+    method: EvictionMethod
+    budget: Budget | None
+    identity: dict[str, Any]
+    run_dir: Path
+    resolved: dict[str, Any]
+
+
+def sweep_mode(cfg: DictConfig) -> bool:
+    return any(cfg.get(key) is not None for key in SWEEP_KEYS)
+
+
+def method_config(cfg: DictConfig, name: str, chosen: str) -> DictConfig:
+    """The config of method ``name``: the composed one (with its overrides) if it was chosen
+    with ``method=``, else its file under conf/method/."""
+    if name == chosen:
+        return cfg.method
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    if not path.exists():
+        valid = ", ".join(group_options("method"))
+        raise ValueError(f"Unknown method {name!r} in methods; choose from: {valid}.")
+    return OmegaConf.load(path)
+
+
+def planned_budgets(cfg: DictConfig, method: EvictionMethod) -> list[Budget | None]:
+    """Budgets of a sweep: every budgets/ratios entry (the full cache runs once)."""
+    if not method.evicts:
+        return [None]
+    if cfg.budget is not None or cfg.ratio is not None:
+        raise ValueError(
+            "A sweep takes its budgets from budgets=[...] and ratios=[...]; drop budget= and ratio=."
+        )
+    budgets = [resolve_budget(method, tokens, None) for tokens in cfg.get("budgets") or []]
+    budgets += [resolve_budget(method, None, ratio) for ratio in cfg.get("ratios") or []]
+    if not budgets:
+        budgets = [resolve_budget(method, cfg.default_budget, None)]
+    return budgets
+
+
+def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
+    """Every (method, budget) cell the config asks for, with its run directory."""
     choices = HydraConfig.get().runtime.choices
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(
             f"Unknown protocol {cfg.protocol!r}; choose one of: {', '.join(PROTOCOLS)}."
         )
-    method: EvictionMethod = instantiate(cfg.method)
-    budget = choose_budget(cfg, method)
-    task = instantiate(cfg.task)
-    method_name = choices["method"] + (f"-{cfg.variant}" if cfg.variant else "")
-    identity = {
-        "model": choices["model"],
-        "task": task.name,
-        "method": method_name,
-        "budget": budget.label if budget is not None else "full",
-        "protocol": cfg.protocol,
-    }
+    sweeping = sweep_mode(cfg)
+    names = list(cfg.methods) if sweeping and cfg.methods else [choices["method"]]
     results_dir = Path(to_absolute_path(cfg.results_dir))
-    run_dir = run_directory(results_dir, **identity)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    check_same_config(run_dir, resolved)
+    base = OmegaConf.to_container(cfg, resolve=True)
+    for key in SWEEP_KEYS:
+        base.pop(key, None)
+    cells = []
+    for name in names:
+        method_cfg = method_config(cfg, name, choices["method"])
+        method: EvictionMethod = instantiate(method_cfg)
+        budgets = planned_budgets(cfg, method) if sweeping else [choose_budget(cfg, method)]
+        for budget in budgets:
+            method_name = name + (f"-{cfg.variant}" if cfg.variant else "")
+            identity = {
+                "model": choices["model"],
+                "task": task_name,
+                "method": method_name,
+                "budget": budget.label if budget is not None else "full",
+                "protocol": cfg.protocol,
+            }
+            resolved = {
+                **base,
+                "method": OmegaConf.to_container(method_cfg, resolve=True),
+                "budget": budget.tokens if budget is not None else None,
+                "ratio": budget.ratio if budget is not None else None,
+            }
+            run_dir = run_directory(results_dir, **identity)
+            check_same_config(run_dir, resolved)
+            cells.append(PlannedCell(name, method_cfg, method, budget, identity, run_dir, resolved))
+    return cells
+
+
+def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Run the cell (or, with methods/budgets/ratios lists, the sweep) ``cfg`` describes."""
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    task = instantiate(cfg.task)
+    cells = plan_cells(cfg, task.name)
     model, tokenizer = load_model_cached(OmegaConf.to_yaml(cfg.model))
-    metrics = run_cell(model, tokenizer, task, method, budget, cfg.protocol, run_dir, identity)
-    write_atomically(run_dir / CONFIG, OmegaConf.to_yaml(resolved))
-    aggregate(results_dir)
-    print_metrics(metrics, run_dir)
-    return metrics
+    if sweep_mode(cfg):
+        sweep_cells = [SweepCell(c.method, c.budget, CellLog(c.run_dir, c.identity)) for c in cells]
+        all_metrics = run_sweep(
+            model, tokenizer, task, sweep_cells, cfg.protocol, diagnostics=cfg.diagnostics
+        )
+    else:
+        (cell,) = cells
+        all_metrics = [
+            run_cell(
+                model,
+                tokenizer,
+                task,
+                cell.method,
+                cell.budget,
+                cfg.protocol,
+                cell.run_dir,
+                cell.identity,
+            )
+        ]
+    for cell in cells:
+        write_atomically(cell.run_dir / CONFIG, OmegaConf.to_yaml(cell.resolved))
+    aggregate(Path(to_absolute_path(cfg.results_dir)))
+    for cell, metrics in zip(cells, all_metrics, strict=True):
+        if metrics:
+            print_metrics(metrics, cell.run_dir)
+    return all_metrics
 
 
 def print_metrics(metrics: dict[str, Any], run_dir: Path) -> None:

@@ -8,13 +8,13 @@ model is exactly as before: the hooks are removed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import Cache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 
 from capkv.budget import Budget
 from capkv.decoding import attention_layers, per_layer_masks
@@ -163,3 +163,66 @@ def evict(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def record_kept(
+    model: PreTrainedModel,
+    selections: Sequence[tuple[EvictionMethod, Budget | None]],
+    on_layer: Callable[[LayerPrefill, list[torch.Tensor | None]], None] | None = None,
+) -> Iterator[list[CompressionRecord]]:
+    """Inside this context a prefill keeps its full cache and records, for every
+    (method, budget) pair, the tokens that ``evict`` would have kept.
+
+    Prefill hidden states do not depend on how earlier layers' caches are compressed (every
+    layer attends over its full cache before the eviction hook runs), so one prefill decides the
+    kept tokens of every pair. Each method scores a layer once, whatever its number of budgets.
+    Gather a pair's cache with :func:`gathered_cache`. ``on_layer(state, kept)``, if given, sees
+    every layer's prefill state with the kept indices of every pair (None: all kept).
+    """
+    check_supported(model)
+    layers = attention_layers(model)
+    records = [CompressionRecord(num_layers=len(layers)) for _ in selections]
+    rotary_emb = model.model.rotary_emb
+
+    def record_after_prefill(module: nn.Module, args: tuple, kwargs: dict, output):
+        state = prefill_state(module, kwargs, rotary_emb, len(layers))
+        if state is None:
+            return output
+        scores: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            for (method, budget), record in zip(selections, records, strict=True):
+                record.prompt_length = state.prompt_length
+                n_kept = None if budget is None else method.kept_count(state, budget)
+                if n_kept is None:
+                    continue
+                if id(method) not in scores:
+                    scores[id(method)] = method.score(state)
+                record.kept[module.layer_idx] = method.kept_indices(
+                    state, budget, scores=scores[id(method)]
+                )
+            if on_layer is not None:
+                on_layer(state, [record.kept.get(module.layer_idx) for record in records])
+        return output
+
+    handles = [
+        module.register_forward_hook(record_after_prefill, with_kwargs=True) for module in layers
+    ]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def gathered_cache(full_cache: Cache, record: CompressionRecord) -> DynamicCache:
+    """A new cache holding, in every layer, the tokens ``record`` kept from ``full_cache``."""
+    cache = DynamicCache()
+    for layer_idx in range(record.num_layers):
+        layer = full_cache.layers[layer_idx]
+        keys, values = layer.keys, layer.values
+        if layer_idx in record.kept:
+            keys = gather_tokens(keys, record.kept[layer_idx])
+            values = gather_tokens(values, record.kept[layer_idx])
+        cache.update(keys, values, layer_idx)
+    return cache

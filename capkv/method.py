@@ -51,13 +51,8 @@ class EvictionMethod:
         """False for methods that never evict (the full-cache reference)."""
         return True
 
-    def kept_indices(
-        self, layer: LayerPrefill, budget: Budget, scores: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        """Sorted indices (B, H_kv, n) of the tokens this layer keeps, or None to keep all.
-
-        ``scores`` may be passed when they were computed already (one score, many budgets).
-        """
+    def kept_count(self, layer: LayerPrefill, budget: Budget) -> int | None:
+        """Tokens this layer keeps under ``budget``, or None when it keeps the whole prompt."""
         prompt_length = layer.prompt_length
         n_target = budget.n_kept(prompt_length)
         if not self.evicts or n_target >= prompt_length:
@@ -72,7 +67,20 @@ class EvictionMethod:
                 f"{layer.layer_idx}, fewer than the {n_first + n_last} tokens "
                 f"{type(self).__name__} always keeps: lower the ratio or the window."
             )
+        return n_kept
+
+    def kept_indices(
+        self, layer: LayerPrefill, budget: Budget, scores: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Sorted indices (B, H_kv, n) of the tokens this layer keeps, or None to keep all.
+
+        ``scores`` may be passed when they were computed already (one score, many budgets).
+        """
+        n_kept = self.kept_count(layer, budget)
+        if n_kept is None:
+            return None
         scores = self.score(layer) if scores is None else scores
+        n_first, n_last = self.protected(layer.prompt_length)
         return top_k_with_protected(scores.float(), n_kept, n_first, n_last)
 
 

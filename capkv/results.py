@@ -28,6 +28,7 @@ RUNS = "runs"
 EXAMPLES = "examples.jsonl"
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
+DIAGNOSTICS = ("capacity_fraction", "attention_error")  # see capkv.diagnostics
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -109,11 +110,17 @@ def write_metrics(run_dir: Path, identity: dict[str, Any], rows: list[dict[str, 
     """Write ``metrics.json`` for the rows so far; returns what was written."""
     kept = [sum(r["kept_tokens_per_layer"]) / len(r["kept_tokens_per_layer"]) for r in rows]
     prompt = [r["prompt_tokens"] for r in rows]
+    measured = [row["diagnostics"] for row in rows if "diagnostics" in row]
     metrics = {
         **identity,
         **summarize(rows),
         "mean_prompt_tokens": sum(prompt) / len(prompt) if prompt else math.nan,
         "mean_kept_tokens": sum(kept) / len(kept) if kept else math.nan,
+        "diagnostics": {
+            name: sum(m[name] for m in measured) / len(measured) for name in measured[0]
+        }
+        if measured
+        else {},
     }
     write_atomically(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -131,6 +138,8 @@ def score_table(results_dir: str | Path) -> pd.DataFrame:
         identity["kept_fraction"] = metrics["mean_kept_tokens"] / max(
             metrics["mean_prompt_tokens"], 1
         )
+        for name in DIAGNOSTICS:
+            identity[name] = metrics.get("diagnostics", {}).get(name, math.nan)
         for subtask, scores in [("average", metrics["scores"]), *metrics["subtasks"].items()]:
             for metric, value in scores.items():
                 records.append({**identity, "subtask": subtask, "metric": metric, "score": value})
@@ -143,6 +152,7 @@ def score_table(results_dir: str | Path) -> pd.DataFrame:
             "budget",
             "protocol",
             "kept_fraction",
+            *DIAGNOSTICS,
             "subtask",
             "metric",
             "score",

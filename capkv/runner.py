@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 
 from capkv.budget import Budget
 from capkv.decoding import greedy_generate
-from capkv.engine import evict
+from capkv.engine import CompressionRecord, evict
 from capkv.method import EvictionMethod
 from capkv.prompting import PromptIds, prompt_overhead, tokenize_prompt
 from capkv.results import ExampleLog, finished_rows, write_metrics
@@ -22,15 +22,12 @@ from capkv.tasks.base import Example, Task
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("query_aware", "context_only")
+MAX_NEW_TOKENS_CAP = 512  # room left for the answer when a task truncates its prompts
 
 
-@dataclass
-class Generation:
-    """What one example produced."""
-
-    prediction: str
-    prompt_tokens: int
-    kept_tokens_per_layer: list[int]
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}.")
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: Any) -> list[int]:
@@ -41,7 +38,45 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def prefill_ids(prompt: PromptIds, protocol: str) -> torch.Tensor:
+    """What the prefill sees (and compresses): the whole prompt, or only its context."""
+    return prompt.full() if protocol == "query_aware" else prompt.context_ids
+
+
 @torch.inference_mode()
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """Run the prefill into ``cache``; return the logits of its last position."""
+    outputs = model(input_ids=input_ids.to(model.device), past_key_values=cache, logits_to_keep=1)
+    return outputs.logits[0, -1]
+
+
+def decode(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    cache: Cache,
+    prompt: PromptIds,
+    protocol: str,
+    last_logits: torch.Tensor,
+    max_new_tokens: int,
+) -> str:
+    """Greedy answer from a prefilled (compressed) cache, under ``protocol``."""
+    stops = stop_token_ids(model, tokenizer)
+    if protocol == "query_aware":
+        tokens = greedy_generate(
+            model, cache, prompt.length, max_new_tokens, stops, next_token_logits=last_logits
+        )
+    else:
+        tokens = greedy_generate(
+            model,
+            cache,
+            prompt.context_ids.shape[1],
+            max_new_tokens,
+            stops,
+            input_ids=prompt.question_ids,
+        )
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
 def generate_one(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -50,39 +85,18 @@ def generate_one(
     protocol: str,
     prompt: PromptIds,
     max_new_tokens: int,
-) -> Generation:
+) -> tuple[str, CompressionRecord]:
     """Prefill with eviction under ``protocol``, then decode greedily."""
-    device = model.device
     cache = DynamicCache()
-    stops = stop_token_ids(model, tokenizer)
     with evict(model, method, budget=budget) as record:
-        if protocol == "query_aware":
-            logits = model(
-                input_ids=prompt.full().to(device), past_key_values=cache, logits_to_keep=1
-            ).logits[0, -1]
-            tokens = greedy_generate(
-                model, cache, prompt.length, max_new_tokens, stops, next_token_logits=logits
-            )
-        else:
-            model.model(input_ids=prompt.context_ids.to(device), past_key_values=cache)
-            tokens = greedy_generate(
-                model,
-                cache,
-                prompt.context_ids.shape[1],
-                max_new_tokens,
-                stops,
-                input_ids=prompt.question_ids,
-            )
-    return Generation(
-        prediction=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-        prompt_tokens=prompt.length,
-        kept_tokens_per_layer=record.kept_per_layer(),
-    )
+        last_logits = prefill(model, prefill_ids(prompt, protocol), cache)
+        prediction = decode(model, tokenizer, cache, prompt, protocol, last_logits, max_new_tokens)
+    return prediction, record
 
 
-def max_prompt_tokens(model: PreTrainedModel, tokenizer: Any, max_new_tokens: int) -> int:
-    """Longest user text (in tokens) that fits the model with its template and answer."""
-    return model.config.max_position_embeddings - max_new_tokens - prompt_overhead(tokenizer)
+def max_prompt_tokens(model: PreTrainedModel, tokenizer: Any) -> int:
+    """Longest user text (in tokens) that fits the model with its template and an answer."""
+    return model.config.max_position_embeddings - MAX_NEW_TOKENS_CAP - prompt_overhead(tokenizer)
 
 
 def check_fits(model: PreTrainedModel, example: Example, prompt: PromptIds) -> None:
@@ -96,6 +110,59 @@ def check_fits(model: PreTrainedModel, example: Example, prompt: PromptIds) -> N
         )
 
 
+def prepared_examples(
+    model: PreTrainedModel, tokenizer: Any, task: Task
+) -> list[tuple[Example, PromptIds]]:
+    """Every example of ``task`` with its token ids, all checked to fit before any is run."""
+    prepared = []
+    for example in task.examples(tokenizer, max_prompt_tokens(model, tokenizer)):
+        prompt = tokenize_prompt(tokenizer, example)
+        check_fits(model, example, prompt)
+        prepared.append((example, prompt))
+    return prepared
+
+
+def result_row(
+    task: Task, example: Example, prompt: PromptIds, prediction: str, record, seconds: float
+) -> dict[str, Any]:
+    """One line of ``examples.jsonl``."""
+    return {
+        "example_id": example.example_id,
+        "subtask": example.metadata.get("subtask"),
+        "prediction": prediction,
+        "answers": example.answers,
+        "scores": task.score(prediction, example),
+        "prompt_tokens": prompt.length,
+        "kept_tokens_per_layer": record.kept_per_layer(),
+        "seconds": round(seconds, 3),
+        "metadata": example.metadata,
+    }
+
+
+class CellLog:
+    """The rows of one run directory: what is done, appending new rows, writing metrics."""
+
+    def __init__(self, run_dir: Path, identity: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.identity = identity
+        self.rows = finished_rows(run_dir)
+        self.done = {row["example_id"] for row in self.rows}
+        self._log: ExampleLog | None = None
+
+    def append(self, row: dict[str, Any]) -> None:
+        if self._log is None:
+            self._log = ExampleLog(self.run_dir, self.rows)
+        self._log.append(row)
+        self.rows.append(row)
+        self.done.add(row["example_id"])
+
+    def close(self) -> dict[str, Any]:
+        """Close the file and write the metrics of the rows so far."""
+        if self._log is not None:
+            self._log.close()
+        return write_metrics(self.run_dir, self.identity, self.rows) if self.rows else {}
+
+
 def run_cell(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -103,51 +170,31 @@ def run_cell(
     method: EvictionMethod,
     budget: Budget | None,
     protocol: str,
-    run_dir,
+    run_dir: Path,
     identity: dict[str, Any],
-    max_new_tokens_cap: int = 512,
 ) -> dict[str, Any]:
     """Run every unfinished example of ``task`` and write rows and metrics into ``run_dir``.
 
     Returns the metrics written.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
-    rows = finished_rows(run_dir)
-    done = {row["example_id"] for row in rows}
-    limit = max_prompt_tokens(model, tokenizer, max_new_tokens_cap)
+    check_protocol(protocol)
+    cell = CellLog(run_dir, identity)
     todo = [
-        example for example in task.examples(tokenizer, limit) if example.example_id not in done
+        (example, prompt)
+        for example, prompt in prepared_examples(model, tokenizer, task)
+        if example.example_id not in cell.done
     ]
-    prompts = [tokenize_prompt(tokenizer, example) for example in todo]
-    for example, prompt in zip(todo, prompts, strict=True):
-        check_fits(model, example, prompt)
-    if done:
-        log.info("%s: %d examples already done, %d to go", run_dir, len(done), len(todo))
-    example_log = ExampleLog(run_dir, rows)
-    metrics: dict[str, Any] = {}
+    if cell.done:
+        log.info("%s: %d examples already done, %d to go", run_dir, len(cell.done), len(todo))
     try:
         progress = tqdm(todo, desc=f"{identity['method']} {identity['budget']}", unit="example")
-        for example, prompt in zip(progress, prompts, strict=True):
+        for example, prompt in progress:
             start = time.perf_counter()
-            generation = generate_one(
+            prediction, record = generate_one(
                 model, tokenizer, method, budget, protocol, prompt, example.max_new_tokens
             )
-            row = {
-                "example_id": example.example_id,
-                "subtask": example.metadata.get("subtask"),
-                "prediction": generation.prediction,
-                "answers": example.answers,
-                "scores": task.score(generation.prediction, example),
-                "prompt_tokens": generation.prompt_tokens,
-                "kept_tokens_per_layer": generation.kept_tokens_per_layer,
-                "seconds": round(time.perf_counter() - start, 3),
-                "metadata": example.metadata,
-            }
-            example_log.append(row)
-            rows.append(row)
+            seconds = time.perf_counter() - start
+            cell.append(result_row(task, example, prompt, prediction, record, seconds))
     finally:
-        example_log.close()
-        if rows:
-            metrics = write_metrics(run_dir, identity, rows)
+        metrics = cell.close()
     return metrics

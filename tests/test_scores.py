@@ -105,13 +105,13 @@ def test_leverage_is_the_log_det_lost_by_removing_one_token():
 
 def test_log_det_capacity_matches_the_definition_and_grows_with_the_set():
     generator = torch.Generator().manual_seed(0)
-    values = torch.randn(2, 30, 8, generator=generator)
-    weights = torch.rand(2, 30, generator=generator)
+    values = torch.randn(2, 30, 8, generator=generator, dtype=torch.float64)
+    weights = torch.rand(2, 30, generator=generator, dtype=torch.float64)
     kept = torch.tensor([[0, 3, 7, 9], [1, 2, 5, 29]])
     capacity = log_det_capacity(values, weights, kept)
     for head in range(2):
-        v = values[head, kept[head]].double()
-        w = weights[head, kept[head]].double()
+        v = values[head, kept[head]]
+        w = weights[head, kept[head]]
         gram = torch.eye(8, dtype=torch.float64) + (v * w[:, None]).T @ v
         torch.testing.assert_close(capacity[head], 0.5 * torch.logdet(gram))
     bigger = torch.cat([kept, torch.tensor([[11], [12]])], dim=-1)

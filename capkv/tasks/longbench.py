@@ -16,7 +16,9 @@ in ``max_prompt_tokens``).
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -348,10 +350,27 @@ def read_jsonl(path: Path, limit: int | None = None) -> Iterator[dict[str, Any]]
             yield record
 
 
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the hub answers at all (so an offline machine fails in seconds, not retries)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return True  # offline mode reads the local datasets cache; let load_dataset decide
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _load_hub(name: str, limit: int | None) -> Iterable[dict[str, Any]]:
     """The test split of one LongBench dataset from the Hugging Face hub."""
     import datasets
 
+    if not hub_reachable():
+        raise ValueError(
+            f"The Hugging Face hub cannot be reached to load {HUB_DATASET} '{name}'; download "
+            "the official JSONL files (data.zip) and pass task.data_dir=<folder of official "
+            "JSONL files>."
+        )
     try:
         data = datasets.load_dataset(HUB_DATASET, name, split="test")
     except Exception as err:

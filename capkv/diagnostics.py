@@ -1,0 +1,120 @@
+"""What a kept set retains, measured beside task scores (CapKV's objective and attention error).
+
+For every cell of a sweep and every layer:
+
+- **capacity fraction**: the log-det capacity ``1/2 logdet(I + sum_{i in C} w_i v_i v_i^T)`` of the
+  kept set C over that of the whole prompt, with CapKV's relevance weights ``w`` (default
+  hyperparameters), averaged over query heads, KV heads and layers. CapKV maximises it by
+  construction; the question is how much of it the other methods keep and how it tracks scores.
+- **attention error**: ``||o_C - o_full|| / ||o_full||``, the relative error of the attention
+  output of the decoding queries (the first token fed after the prefill: the first generated
+  token under query_aware, the question under context_only) when attending over the kept tokens
+  instead of the full cache, with the queries of the full-cache forward, averaged over layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import Cache, PreTrainedModel
+
+from capkv.cap import CapKV
+from capkv.capacity import log_det_capacity
+from capkv.decoding import attention_layers
+from capkv.engine import CompressionRecord, gather_tokens
+from capkv.layer import LayerPrefill, apply_rope
+
+
+class CapacityProbe:
+    """Accumulates each cell's retained capacity fraction, layer by layer, during a prefill.
+
+    Pass :meth:`on_layer` as the ``on_layer`` callback of :func:`capkv.engine.record_kept`.
+    """
+
+    def __init__(self, n_cells: int, reference: CapKV | None = None) -> None:
+        self.reference = reference or CapKV()
+        self.fractions: list[list[float]] = [[] for _ in range(n_cells)]
+
+    def on_layer(self, state: LayerPrefill, kept: Sequence[torch.Tensor | None]) -> None:
+        weights = self.reference.relevance_weights(state)  # (B, H_kv, G, T)
+        values = state.values.unsqueeze(2).expand(-1, -1, weights.shape[2], -1, -1)
+        full = log_det_capacity(values, weights)
+        for fractions, indices in zip(self.fractions, kept, strict=True):
+            if indices is None:
+                fractions.append(1.0)
+                continue
+            indices = indices.unsqueeze(2).expand(-1, -1, weights.shape[2], -1)
+            fractions.append(float((log_det_capacity(values, weights, indices) / full).mean()))
+
+    def mean(self, cell: int) -> float:
+        return sum(self.fractions[cell]) / len(self.fractions[cell])
+
+
+@torch.inference_mode()
+def decoding_queries(
+    model: PreTrainedModel, full_cache: Cache, input_ids: torch.Tensor, start_position: int
+) -> list[torch.Tensor]:
+    """Post-RoPE queries (B, H, n, d) of ``input_ids`` fed after the prefill, per layer, from
+    the full cache; the cache is cropped back afterwards."""
+    layers = attention_layers(model)
+    queries: list[torch.Tensor] = [None] * len(layers)
+    prompt_length = full_cache.get_seq_length()
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden_states = kwargs["hidden_states"]
+        bsz, n, _ = hidden_states.shape
+        projected = module.q_proj(hidden_states).view(bsz, n, -1, module.head_dim).transpose(1, 2)
+        q_norm = getattr(module, "q_norm", None)
+        projected = q_norm(projected) if q_norm is not None else projected
+        cos, sin = kwargs["position_embeddings"]
+        queries[module.layer_idx] = apply_rope(projected, cos, sin)
+
+    handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in layers]
+    try:
+        positions = torch.arange(start_position, start_position + input_ids.shape[1])
+        model(
+            input_ids=input_ids.to(model.device),
+            past_key_values=full_cache,
+            position_ids=positions.unsqueeze(0).to(model.device),
+            logits_to_keep=1,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+        full_cache.crop(prompt_length)
+    return queries
+
+
+def _attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float):
+    """Attention output (B, H_kv, G, n, d) of grouped queries over every given key."""
+    logits = (queries @ keys.unsqueeze(2).transpose(-1, -2)) * scaling
+    return logits.softmax(dim=-1) @ values.unsqueeze(2)
+
+
+@torch.inference_mode()
+def attention_errors(
+    model: PreTrainedModel,
+    full_cache: Cache,
+    queries: list[torch.Tensor],
+    records: Sequence[CompressionRecord],
+) -> list[float]:
+    """Relative attention-output error of every record's kept set, averaged over layers."""
+    errors = [[] for _ in records]
+    for layer_idx, module in enumerate(attention_layers(model)):
+        keys = full_cache.layers[layer_idx].keys[..., : records[0].prompt_length, :].float()
+        values = full_cache.layers[layer_idx].values[..., : records[0].prompt_length, :].float()
+        bsz, n_kv = keys.shape[:2]
+        grouped = queries[layer_idx].float().view(bsz, n_kv, -1, *queries[layer_idx].shape[2:])
+        full = _attend(grouped, keys, values, module.scaling)
+        for layer_errors, record in zip(errors, records, strict=True):
+            if layer_idx not in record.kept:
+                layer_errors.append(0.0)
+                continue
+            kept = record.kept[layer_idx]
+            output = _attend(
+                grouped, gather_tokens(keys, kept), gather_tokens(values, kept), module.scaling
+            )
+            layer_errors.append(float((output - full).norm() / full.norm()))
+    return [sum(e) / len(e) for e in errors]

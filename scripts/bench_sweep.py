@@ -1,0 +1,158 @@
+"""Wall time of a 5 methods x 4 budgets sweep: sweep mode, separate runs per cell, and kvpress.
+
+On SmolLM2-135M-Instruct (CPU) and the needle task at 4k tokens, the same 20 cells are run
+three ways, one after the other in this process:
+
+- sweep mode (``methods=[...] ratios=[...]``): one prefill per example, every cell decoded
+  from its own gathered cache;
+- separate runs: one prefill with eviction per cell and example (what ``python run.py -m``
+  does);
+- kvpress: its presses (CapPress, SnapKVPress, PyramidKVPress, ObservedAttentionPress for H2O,
+  which needs eager attention, StreamingLLMPress) around one prefill per cell and example,
+  followed by the same greedy decoding.
+
+Ratios are used as budgets because kvpress only takes ratios. The script prints the times and
+their ratios, and checks that sweep mode wrote exactly the separate runs' predictions.
+
+    .venv/bin/python scripts/bench_sweep.py [--tokens 4096] [--depths 50]
+
+Target (issue 4): sweep mode at least 8x faster than separate runs and than kvpress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from baselines import H2O, PyramidKV, SnapKV, StreamingLLM
+from capkv import Budget, CapKV
+from capkv.models import load_model
+from capkv.results import finished_rows
+from capkv.runner import CellLog, decode, prefill, prefill_ids, prepared_examples, run_cell
+from capkv.sweep import SweepCell, run_sweep
+from capkv.tasks.needle import NeedleTask
+
+RATIOS = (0.25, 0.5, 0.75, 0.9)
+PROTOCOL = "query_aware"
+
+
+def our_methods() -> dict[str, object]:
+    """The five methods with their conf/method defaults."""
+    return {
+        "capkv": CapKV(),
+        "snapkv": SnapKV(),
+        "pyramidkv": PyramidKV(),
+        "h2o": H2O(),
+        "streamingllm": StreamingLLM(),
+    }
+
+
+def kvpress_presses(ratio: float) -> dict[str, object]:
+    import kvpress
+
+    return {
+        "capkv": kvpress.CapPress(compression_ratio=ratio),
+        "snapkv": kvpress.SnapKVPress(compression_ratio=ratio, window_size=32, kernel_size=7),
+        "pyramidkv": kvpress.PyramidKVPress(compression_ratio=ratio, window_size=32, kernel_size=7),
+        "h2o": kvpress.ObservedAttentionPress(compression_ratio=ratio),
+        "streamingllm": kvpress.StreamingLLMPress(compression_ratio=ratio),
+    }
+
+
+def identity(name: str, budget: Budget) -> dict[str, str]:
+    return {
+        "model": "smollm2-135m",
+        "task": "needle",
+        "method": name,
+        "budget": budget.label,
+        "protocol": PROTOCOL,
+    }
+
+
+def time_sweep(model, tokenizer, task, folder: Path) -> float:
+    cells = [
+        SweepCell(
+            method, Budget(ratio=r), CellLog(folder / f"{n}-{r}", identity(n, Budget(ratio=r)))
+        )
+        for n, method in our_methods().items()
+        for r in RATIOS
+    ]
+    start = time.perf_counter()
+    run_sweep(model, tokenizer, task, cells, PROTOCOL)
+    return time.perf_counter() - start
+
+
+def time_separate(model, tokenizer, task, folder: Path) -> float:
+    start = time.perf_counter()
+    for name, method in our_methods().items():
+        for ratio in RATIOS:
+            budget = Budget(ratio=ratio)
+            run_cell(
+                model,
+                tokenizer,
+                task,
+                method,
+                budget,
+                PROTOCOL,
+                folder / f"{name}-{ratio}",
+                identity(name, budget),
+            )
+    return time.perf_counter() - start
+
+
+def time_kvpress(model, eager_model, tokenizer, task) -> float:
+    examples = prepared_examples(model, tokenizer, task)
+    start = time.perf_counter()
+    for ratio in RATIOS:
+        for name, press in kvpress_presses(ratio).items():
+            runner = eager_model if name == "h2o" else model
+            for example, prompt in examples:
+                cache = DynamicCache()
+                with torch.inference_mode(), press(runner):
+                    last_logits = prefill(runner, prefill_ids(prompt, PROTOCOL), cache)
+                decode(
+                    runner, tokenizer, cache, prompt, PROTOCOL, last_logits, example.max_new_tokens
+                )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="needle context length")
+    parser.add_argument("--depths", type=float, nargs="+", default=[50.0])
+    args = parser.parse_args()
+    model, tokenizer = load_model("smollm2-135m", dtype="float32", attn_implementation="sdpa")
+    eager_model, _ = load_model("smollm2-135m", dtype="float32", attn_implementation="eager")
+    task = NeedleTask(context_lengths=[args.tokens], depths=args.depths)
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep_seconds = time_sweep(model, tokenizer, task, Path(tmp, "sweep"))
+        separate_seconds = time_separate(model, tokenizer, task, Path(tmp, "separate"))
+        same = all(
+            [r["prediction"] for r in finished_rows(p)]
+            == [r["prediction"] for r in finished_rows(Path(tmp, "separate", p.name))]
+            for p in Path(tmp, "sweep").iterdir()
+        )
+    kvpress_seconds = time_kvpress(model, eager_model, tokenizer, task)
+    n_examples = len(args.depths)
+    print(
+        f"\nSmolLM2-135M-Instruct, needle at {args.tokens} tokens, {n_examples} example(s), "
+        f"5 methods x {len(RATIOS)} ratios = 20 cells, {PROTOCOL}, CPU ({torch.get_num_threads()} threads)"
+    )
+    print("| mode | wall time (s) | x sweep mode |")
+    print("|---|---:|---:|")
+    for mode, seconds in [
+        ("sweep mode (one prefill per example)", sweep_seconds),
+        ("separate runs (one prefill per cell)", separate_seconds),
+        ("kvpress presses (one prefill per cell)", kvpress_seconds),
+    ]:
+        print(f"| {mode} | {seconds:.1f} | {seconds / sweep_seconds:.1f} |")
+    print(f"\nsweep predictions identical to separate runs: {same}")
+
+
+if __name__ == "__main__":
+    main()

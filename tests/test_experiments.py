@@ -1,0 +1,16 @@
+"""Every experiment of experiments/ composes into a sweep over known methods."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from capkv.cli import CONF_DIR, group_options
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_experiment_composes(experiment):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={experiment}"])
+    assert set(cfg.methods) <= set(group_options("method"))
+    assert cfg.ratios or cfg.budgets

@@ -1,0 +1,205 @@
+"""Figures and tables drawn from a small synthetic results tree written as the runner writes it."""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from capkv.figures import budget_sort_key, main, parse_budget, safe_name
+from capkv.results import ExampleLog, run_directory, write_metrics
+
+MODEL = "org/tiny-0.5b"  # a slash and a dot: file names must be path-safe and whole
+PROTOCOL = "query_aware"
+RUNS = [("capkv", "budget64"), ("capkv", "budget128"), ("snapkv", "budget64")]
+RUNS += [("snapkv", "budget128"), ("full", "full")]
+LONGBENCH = {"narrativeqa": [0.2, 0.4], "hotpotqa": [0.5, 1.0]}  # two examples per subtask
+
+
+def quality(method: str, budget: str) -> float:
+    """A made-up score in [0, 1] per run: more cache is better, CapKV beats SnapKV."""
+    kept = {"budget64": 0.5, "budget128": 0.75, "full": 1.0}[budget]
+    return kept * (1.0 if method in ("capkv", "full") else 0.8)
+
+
+def row(example_id: str, subtask: str | None, scores: dict, metadata: dict) -> dict:
+    """One ``examples.jsonl`` row, with the fields :func:`capkv.runner.run_cell` writes."""
+    return {
+        "example_id": example_id,
+        "subtask": subtask,
+        "prediction": "42",
+        "answers": ["42"],
+        "scores": scores,
+        "prompt_tokens": metadata.get("context_length", 900) + 20,
+        "kept_tokens_per_layer": [64, 64],
+        "seconds": 0.1,
+        "metadata": metadata,
+    }
+
+
+def needle_rows(method: str, budget: str) -> list[dict]:
+    """A 2 x 2 grid (lengths 1024, 2048 x depths 0, 100); the long deep needle is missed."""
+    rows = []
+    for length in (1024, 2048):
+        for depth in (0.0, 100.0):
+            exact = 0.0 if (length, depth) == (2048, 100.0) and method != "full" else 1.0
+            scores = {"exact": exact, "graded": quality(method, budget)}
+            metadata = {"context_length": length, "depth": depth, "needle_kind": "magic_number"}
+            rows.append(row(f"len{length}_depth{depth:g}", None, scores, metadata))
+    return rows
+
+
+def longbench_rows(method: str, budget: str) -> list[dict]:
+    """Two subtasks from two LongBench families, two examples each."""
+    rows = []
+    for subtask, values in LONGBENCH.items():
+        for index, value in enumerate(values):
+            scores = {"score": value * quality(method, budget)}
+            metadata = {"subtask": subtask, "all_classes": None, "length": 900}
+            rows.append(row(f"{subtask}/{index}", subtask, scores, metadata))
+    return rows
+
+
+def write_run(results: Path, task: str, method: str, budget: str, rows: list[dict]) -> None:
+    """One run folder with ``examples.jsonl`` and ``metrics.json``, as the runner writes it."""
+    identity = {"model": MODEL, "task": task, "method": method, "budget": budget}
+    identity["protocol"] = PROTOCOL
+    run_dir = run_directory(results, **identity)
+    log = ExampleLog(run_dir, [])
+    for example in rows:
+        log.append(example)
+    log.close()
+    write_metrics(run_dir, identity, rows)
+
+
+def draw_tree(base: Path) -> tuple[Path, str]:
+    """Write a results tree with a needle and a LongBench task under ``base`` and draw it;
+    return the plots folder and what was printed."""
+    results = base / "results"
+    for method, budget in RUNS:
+        write_run(results, "needle", method, budget, needle_rows(method, budget))
+        write_run(results, "longbench", method, budget, longbench_rows(method, budget))
+    with redirect_stdout(io.StringIO()) as out:
+        main(["--results", str(results), "--plots", str(base / "plots")])
+    return base / "plots", out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Plots drawn once for the tests that only read them."""
+    return draw_tree(tmp_path_factory.mktemp("drawn"))
+
+
+def test_figures_and_tables_are_written(drawn: tuple[Path, str]) -> None:
+    plots, out = drawn
+    stems = [
+        "heatmaps/org-tiny-0.5b_needle_query_aware_capkv_budget64_exact",
+        "heatmaps/org-tiny-0.5b_needle_query_aware_full_full_graded",
+        "org-tiny-0.5b_needle_query_aware_exact_heatmaps",
+        "org-tiny-0.5b_needle_query_aware_graded_heatmaps",
+        "org-tiny-0.5b_needle_query_aware_exact_vs_tokens",
+        "org-tiny-0.5b_longbench_query_aware_score_vs_tokens",
+    ]
+    files = [plots / f"{stem}.{suffix}" for stem in stems for suffix in ("png", "pdf")]
+    files += [
+        plots / f"org-tiny-0.5b_{task}_query_aware_table.{suffix}"
+        for task in ("needle", "longbench")
+        for suffix in ("md", "csv")
+    ]
+    for path in files:
+        assert path.stat().st_size > 0, path
+        assert str(path) in out
+    assert len(list((plots / "heatmaps").glob("*.png"))) == len(RUNS) * 2
+    assert not list(plots.glob("*_vs_ratio.*"))  # no ratio budgets were run
+
+
+def test_task_table_holds_the_run_scores(drawn: tuple[Path, str]) -> None:
+    plots, _ = drawn
+    table = pd.read_csv(plots / "org-tiny-0.5b_longbench_query_aware_table.csv")
+    assert list(table.columns) == [
+        "method",
+        "budget",
+        "metric",
+        "narrativeqa",
+        "hotpotqa",
+        "average",
+    ]
+    assert list(zip(table["method"], table["budget"], strict=True)) == [
+        ("full", "full"),
+        ("capkv", "budget64"),
+        ("capkv", "budget128"),
+        ("snapkv", "budget64"),
+        ("snapkv", "budget128"),
+    ]
+    for method, budget, narrativeqa, hotpotqa, average in table[
+        ["method", "budget", "narrativeqa", "hotpotqa", "average"]
+    ].itertuples(index=False):
+        q = quality(method, budget)
+        assert narrativeqa == pytest.approx(100 * q * 0.3)
+        assert hotpotqa == pytest.approx(100 * q * 0.75)
+        assert average == pytest.approx((narrativeqa + hotpotqa) / 2)
+    needle = pd.read_csv(plots / "org-tiny-0.5b_needle_query_aware_table.csv")
+    capkv = needle[(needle["method"] == "capkv") & (needle["budget"] == "budget64")]
+    assert dict(zip(capkv["metric"], capkv["average"], strict=True)) == pytest.approx(
+        {"exact": 75.0, "graded": 50.0}
+    )
+    assert (
+        "| capkv | budget64 | score | 15.0 | 37.5 | 26.2 |"
+        in (plots / "org-tiny-0.5b_longbench_query_aware_table.md").read_text()
+    )
+
+
+def test_unchanged_figures_are_not_redrawn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plots, _ = draw_tree(tmp_path)
+    results = plots.parent / "results"
+    arguments = ["--results", str(results), "--plots", str(plots)]
+    main(arguments)
+    out = capsys.readouterr().out
+    assert "(15 unchanged figures left as they were)" in out  # 10 + 2 heatmaps, 3 curves
+    assert ".png" not in out and "_table.md" in out
+    scaled = [
+        {**r, "scores": {"score": r["scores"]["score"] / 2}}
+        for r in longbench_rows("capkv", "budget64")
+    ]
+    write_run(results, "longbench", "capkv", "budget64", scaled)
+    main(arguments)
+    out = capsys.readouterr().out
+    assert "org-tiny-0.5b_longbench_query_aware_score_vs_tokens.png" in out
+    assert "(14 unchanged figures left as they were)" in out
+
+
+@pytest.mark.parametrize("results_exist", [False, True])
+def test_nothing_to_draw(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], results_exist: bool
+) -> None:
+    results = tmp_path / "results"
+    if results_exist:  # a runs folder without finished runs: aggregate writes empty tables
+        (results / "runs").mkdir(parents=True)
+    main(["--results", str(results), "--plots", str(tmp_path / "plots")])
+    out = capsys.readouterr().out
+    assert out.startswith("Nothing to draw") and "python run.py" in out
+    assert len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "plots").exists()
+
+
+def test_budget_labels_and_file_names() -> None:
+    assert parse_budget("budget512") == ("tokens", 512.0)
+    assert parse_budget("ratio0.5") == ("ratio", 0.5)
+    assert parse_budget("full")[0] == "full"
+    labels = ["ratio0.25", "budget512", "full", "ratio0.75", "budget64"]
+    assert sorted(labels, key=budget_sort_key) == [
+        "full",
+        "budget64",
+        "budget512",
+        "ratio0.75",
+        "ratio0.25",
+    ]
+    assert (
+        safe_name("meta-llama/Llama 3", "needle", "capkv-v2")
+        == "meta-llama-Llama-3_needle_capkv-v2"
+    )
