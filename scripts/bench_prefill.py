@@ -1,9 +1,9 @@
 """Prefill cost of every method relative to the same prefill without eviction.
 
 For the tiny random model and SmolLM2-135M-Instruct at 4k tokens, prints one table per model:
-the median prefill time with each method, its ratio to the plain (no-hook) sdpa prefill, and
-the peak resident memory the prefill adds on top of the loaded model (the plain prefill's
-own activations and cache included), beside the size of one
+the median prefill time with each method beside the plain (no-hook) sdpa prefill timed
+alternately in the same process, their ratio, and the peak resident memory the method adds
+beyond the plain prefill's own peak, beside the size of one
 layer's T x T attention matrix (which no method allocates). Each method runs in its own
 process so that peak memory is its own.
 
@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 
 METHODS = {
-    "none": None,
+    "none": None,  # the plain prefill, timed beside every method
     "full": "baselines.Full()",
     "capkv": "capkv.CapKV()",
     "snapkv": "baselines.SnapKV()",
@@ -41,22 +41,25 @@ def peak_rss_mb() -> float:
 
 
 def worker(model_name: str, method_name: str, tokens: int, repeats: int, budget: int) -> dict:
-    """Time ``repeats`` prefills of ``tokens`` tokens with one method (run in a fresh process)."""
+    """Time one method against the plain prefill, alternating the two, in a fresh process.
+
+    Pairing the two in one process cancels most of the machine's drift; the peak memory the
+    method adds is the growth of the process's peak RSS beyond the plain prefills' peak.
+    """
     import baselines  # noqa: F401  (used by eval of METHODS)
     import capkv
     from capkv.models import load_model
 
-    torch.set_num_threads(torch.get_num_threads())
     model, _ = load_model(model_name, dtype="float32", attn_implementation="sdpa")
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(100, model.config.vocab_size, (1, tokens), generator=generator)
     method = eval(METHODS[method_name]) if METHODS[method_name] else None
 
-    def prefill() -> float:
+    def prefill(with_method: bool) -> float:
         cache = DynamicCache()
         start = time.perf_counter()
         with torch.inference_mode():
-            if method is None:
+            if not with_method or method is None:
                 model.model(input_ids, past_key_values=cache)
             else:
                 with capkv.evict(model, method, budget=budget if method.evicts else None):
@@ -64,20 +67,25 @@ def worker(model_name: str, method_name: str, tokens: int, repeats: int, budget:
         return time.perf_counter() - start
 
     loaded_rss = peak_rss_mb()
-    prefill()  # warm-up
-    times = [prefill() for _ in range(repeats)]
+    plain = [prefill(False) for _ in range(repeats + 1)][1:]  # the first one warms up
+    plain_peak = peak_rss_mb()
+    timed = []
+    for _ in range(repeats):
+        timed.append(prefill(True))
+        plain.append(prefill(False))
     config = model.config
-    matrix_mb = config.num_attention_heads * tokens * tokens * 4 / 2**20
     return {
-        "seconds": statistics.median(times),
-        "extra_peak_mb": peak_rss_mb() - loaded_rss,
-        "txt_mb": matrix_mb,
+        "seconds": statistics.median(timed),
+        "plain_seconds": statistics.median(plain),
+        "plain_peak_mb": plain_peak - loaded_rss,
+        "extra_peak_mb": peak_rss_mb() - plain_peak,
+        "txt_mb": config.num_attention_heads * tokens * tokens * 4 / 2**20,
     }
 
 
 def run_model(model_name: str, tokens: int, repeats: int, budget: int) -> list[dict]:
     rows = []
-    for method_name in METHODS:
+    for method_name in [name for name in METHODS if name != "none"]:
         command = [
             sys.executable,
             __file__,
@@ -97,15 +105,16 @@ def run_model(model_name: str, tokens: int, repeats: int, budget: int) -> list[d
 
 
 def print_table(model_name: str, tokens: int, rows: list[dict]) -> None:
-    base = next(row["seconds"] for row in rows if row["method"] == "none")
     print(f"\n{model_name}, {tokens} tokens, batch 1, float32, sdpa, CPU")
     print(
-        "| method | prefill (s) | x plain prefill | extra peak RSS (MB) | one T x T matrix (MB) |"
+        "| method | prefill (s) | plain prefill (s) | x plain prefill | plain prefill peak "
+        "RSS (MB) | extra peak RSS (MB) | one layer's T x T attention (MB) |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| {row['method']} | {row['seconds']:.3f} | {row['seconds'] / base:.2f} | "
+            f"| {row['method']} | {row['seconds']:.3f} | {row['plain_seconds']:.3f} | "
+            f"{row['seconds'] / row['plain_seconds']:.2f} | {row['plain_peak_mb']:.0f} | "
             f"{row['extra_peak_mb']:.0f} | {row['txt_mb']:.0f} |"
         )
 
