@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from capkv.decoding import attention_layers
 from capkv.engine import prefill_state
 from capkv.layer import LayerPrefill
 from capkv.models import build_tiny_model
+from capkv.tasks.haystack import essay_files
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +48,23 @@ def capture_prefill(model, input_ids: torch.Tensor) -> list[LayerPrefill]:
         for handle in handles:
             handle.remove()
     return states
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on ``texts`` in a fraction of a second (no download)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def essay_tokenizer() -> PreTrainedTokenizerFast:
+    """A 2000-token BPE of the Paul Graham essays, for the needle and RULER tasks."""
+    return train_bpe_tokenizer([path.read_text() for path in essay_files()], vocab_size=2000)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from hydra.utils import instantiate
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from capkv.tasks.base import Example
@@ -21,6 +21,7 @@ from capkv.tasks.longbench import (
     PromptFormat,
     truncate_middle,
 )
+from tests.conftest import train_bpe_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
 BIG_BUDGET = 1_000_000
@@ -70,15 +71,8 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def bpe_tokenizer() -> PreTrainedTokenizerFast:
     """A small byte-level BPE trained on the fixtures, so tokens span several characters."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
     texts = [path.read_text(encoding="utf-8") for path in sorted(FIXTURES.glob("*.jsonl"))]
-    tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    return train_bpe_tokenizer(texts, vocab_size=600)
 
 
 @pytest.fixture(scope="module")

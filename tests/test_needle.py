@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from capkv.tasks import haystack as haystack_module
@@ -26,16 +25,8 @@ CHAT_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on the essays in a fraction of a second (no download)."""
-    model = Tokenizer(models.BPE())
-    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    model.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    model.train_from_iterator([path.read_text() for path in essay_files()], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=model)
+def tokenizer(essay_tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    return essay_tokenizer
 
 
 def count(tokenizer: PreTrainedTokenizerFast, text: str) -> int:
