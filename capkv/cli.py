@@ -18,7 +18,7 @@ from capkv.budget import Budget
 from capkv.engine import resolve_budget
 from capkv.method import EvictionMethod
 from capkv.results import CONFIG, aggregate, markdown, run_directory, write_atomically
-from capkv.runner import PROTOCOLS, CellLog, run_cell
+from capkv.runner import CellLog, check_protocol, run_cell
 from capkv.sweep import SweepCell, run_sweep
 
 log = logging.getLogger(__name__)
@@ -136,10 +136,7 @@ def planned_budgets(cfg: DictConfig, method: EvictionMethod) -> list[Budget | No
 def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
     """Every (method, budget) cell the config asks for, with its run directory."""
     choices = HydraConfig.get().runtime.choices
-    if cfg.protocol not in PROTOCOLS:
-        raise ValueError(
-            f"Unknown protocol {cfg.protocol!r}; choose one of: {', '.join(PROTOCOLS)}."
-        )
+    check_protocol(cfg.protocol)
     sweeping = sweep_mode(cfg)
     names = list(cfg.methods) if sweeping and cfg.methods else [choices["method"]]
     results_dir = Path(to_absolute_path(cfg.results_dir))

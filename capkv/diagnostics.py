@@ -24,7 +24,7 @@ from capkv.cap import CapKV
 from capkv.capacity import log_det_capacity
 from capkv.decoding import attention_layers
 from capkv.engine import CompressionRecord, gather_tokens
-from capkv.layer import LayerPrefill, apply_rope
+from capkv.layer import LayerPrefill, apply_rope, project_queries
 
 
 class CapacityProbe:
@@ -63,11 +63,7 @@ def decoding_queries(
     prompt_length = full_cache.get_seq_length()
 
     def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden_states = kwargs["hidden_states"]
-        bsz, n, _ = hidden_states.shape
-        projected = module.q_proj(hidden_states).view(bsz, n, -1, module.head_dim).transpose(1, 2)
-        q_norm = getattr(module, "q_norm", None)
-        projected = q_norm(projected) if q_norm is not None else projected
+        projected = project_queries(module, kwargs["hidden_states"])
         cos, sin = kwargs["position_embeddings"]
         queries[module.layer_idx] = apply_rope(projected, cos, sin)
 

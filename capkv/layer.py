@@ -15,6 +15,14 @@ def apply_rope(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return states * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
+def project_queries(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE queries (B, H, n, d) of ``hidden_states`` (B, n, D), with QK-norm if any."""
+    bsz, n, _ = hidden_states.shape
+    queries = module.q_proj(hidden_states).view(bsz, n, -1, module.head_dim).transpose(1, 2)
+    q_norm = getattr(module, "q_norm", None)
+    return q_norm(queries) if q_norm is not None else queries
+
+
 @dataclass
 class LayerPrefill:
     """Everything a method may read about one layer at the end of the prefill.
@@ -71,11 +79,7 @@ class LayerPrefill:
 
     def project_queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE queries (B, H, n, d) of ``hidden_states`` (B, n, D), with QK-norm if any."""
-        bsz, n, _ = hidden_states.shape
-        queries = self.module.q_proj(hidden_states).view(bsz, n, self.num_heads, self.head_dim)
-        queries = queries.transpose(1, 2)
-        q_norm = getattr(self.module, "q_norm", None)
-        return q_norm(queries) if q_norm is not None else queries
+        return project_queries(self.module, hidden_states)
 
     def queries(self, start: int, end: int | None = None) -> torch.Tensor:
         """Post-RoPE queries (B, H, n, d) of prompt positions ``start:end``."""
