@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from capkv.layer import LayerPrefill
 
 
+@lru_cache(maxsize=8)
+def _future_mask(n_queries: int, device: torch.device) -> torch.Tensor:
+    """(n, n) mask of the keys after each query within one chunk (True = masked)."""
+    return torch.ones(n_queries, n_queries, dtype=torch.bool, device=device).triu_(1)
+
+
 def received_attention(layer: LayerPrefill, query_start: int, query_end: int) -> torch.Tensor:
     """Attention each key receives from prompt queries ``query_start:query_end``, summed.
 
-    The causal softmax runs in float32 over the keys up to the last query, so memory is
-    ``(query_end - query_start) x query_end`` per query head. Probabilities are never written
-    out: the exponentials are summed against the inverse row normalisers in one product.
+    The logits are computed in the dtype of the cache (as the model's eager attention does) and
+    the causal softmax runs in float32 over the keys up to the last query, so memory is
+    ``(query_end - query_start) x query_end`` per query head. The probabilities of each head are
+    summed over its queries by one matrix-vector product.
 
     Returns
     -------
     torch.Tensor
         (B, H_kv, G, query_end): per query head, grouped by KV head.
     """
-    queries = layer.queries(query_start, query_end).float() * layer.module.scaling
+    keys = layer.keys[:, :, :query_end]
+    queries = layer.queries(query_start, query_end).to(keys.dtype) * layer.module.scaling
     bsz, _, n_queries, head_dim = queries.shape
     n_kv, group = layer.num_kv_heads, layer.group_size
     queries = queries.reshape(bsz * n_kv, group * n_queries, head_dim)
-    keys = layer.keys[:, :, :query_end].float().reshape(bsz * n_kv, query_end, head_dim)
+    keys = keys.reshape(bsz * n_kv, query_end, head_dim)
     logits = torch.bmm(queries, keys.transpose(1, 2)).view(bsz * n_kv * group, n_queries, -1)
-    future = torch.ones(n_queries, n_queries, dtype=torch.bool, device=logits.device).triu_(1)
-    logits[..., query_start:query_end].masked_fill_(future, float("-inf"))
-    exponentials = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-    inverse_norm = exponentials.sum(dim=-1, keepdim=True).reciprocal_()
-    received = torch.bmm(inverse_norm.transpose(1, 2), exponentials)
+    logits[..., query_start:query_end].masked_fill_(
+        _future_mask(n_queries, logits.device), float("-inf")
+    )
+    probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    query_weights = probabilities.new_ones(1, 1, n_queries).expand(logits.shape[0], 1, n_queries)
+    received = torch.bmm(query_weights, probabilities)
     return received.view(bsz, n_kv, group, query_end)
