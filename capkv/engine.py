@@ -105,6 +105,35 @@ def resolve_budget(
 
 
 @contextmanager
+def after_each_prefill(
+    model: PreTrainedModel, callback: Callable[[LayerPrefill, Cache], None]
+) -> Iterator[None]:
+    """Call ``callback(state, cache)`` after every attention layer's prefill inside this context.
+
+    ``state`` is the layer's :class:`LayerPrefill` (its full cache, hidden states and rotary
+    tables) and ``cache`` the cache it wrote into; forwards that are not prefills (decoding
+    steps) are left alone. The callback runs without autograd.
+    """
+    check_supported(model)
+    layers = attention_layers(model)
+    rotary_emb = model.model.rotary_emb
+
+    def after_forward(module: nn.Module, args: tuple, kwargs: dict, output):
+        state = prefill_state(module, kwargs, rotary_emb, len(layers))
+        if state is not None:
+            with torch.no_grad():
+                callback(state, kwargs.get("past_key_values", kwargs.get("past_key_value")))
+        return output
+
+    handles = [module.register_forward_hook(after_forward, with_kwargs=True) for module in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def evict(
     model: PreTrainedModel,
     method: EvictionMethod,
@@ -132,37 +161,19 @@ def evict(
     """
     check_supported(model)
     resolved = resolve_budget(method, budget, ratio)
-    layers = attention_layers(model)
-    record = CompressionRecord(num_layers=len(layers))
-    rotary_emb = model.model.rotary_emb
+    record = CompressionRecord(num_layers=len(attention_layers(model)))
 
-    def compress_after_prefill(module: nn.Module, args: tuple, kwargs: dict, output):
-        state = prefill_state(module, kwargs, rotary_emb, len(layers))
-        if state is None:
-            return output
+    def compress(state: LayerPrefill, cache: Cache) -> None:
         record.prompt_length = state.prompt_length
-        if resolved is None:
-            return output
-        with torch.no_grad():
-            indices = method.kept_indices(state, resolved)
+        indices = None if resolved is None else method.kept_indices(state, resolved)
         if indices is not None:
-            cache_layer = kwargs.get("past_key_values", kwargs.get("past_key_value")).layers[
-                module.layer_idx
-            ]
+            cache_layer = cache.layers[state.layer_idx]
             cache_layer.keys = gather_tokens(state.keys, indices)
             cache_layer.values = gather_tokens(state.values, indices)
-            record.kept[module.layer_idx] = indices
-        return output
+            record.kept[state.layer_idx] = indices
 
-    handles = [
-        module.register_forward_hook(compress_after_prefill, with_kwargs=True) for module in layers
-    ]
-    try:
-        with per_layer_masks(model):
-            yield record
-    finally:
-        for handle in handles:
-            handle.remove()
+    with after_each_prefill(model, compress), per_layer_masks(model):
+        yield record
 
 
 @contextmanager
@@ -180,39 +191,24 @@ def record_kept(
     Gather a pair's cache with :func:`gathered_cache`. ``on_layer(state, kept)``, if given, sees
     every layer's prefill state with the kept indices of every pair (None: all kept).
     """
-    check_supported(model)
-    layers = attention_layers(model)
-    records = [CompressionRecord(num_layers=len(layers)) for _ in selections]
-    rotary_emb = model.model.rotary_emb
+    records = [CompressionRecord(num_layers=len(attention_layers(model))) for _ in selections]
 
-    def record_after_prefill(module: nn.Module, args: tuple, kwargs: dict, output):
-        state = prefill_state(module, kwargs, rotary_emb, len(layers))
-        if state is None:
-            return output
+    def record(state: LayerPrefill, cache: Cache) -> None:
         scores: dict[int, torch.Tensor] = {}
-        with torch.no_grad():
-            for (method, budget), record in zip(selections, records, strict=True):
-                record.prompt_length = state.prompt_length
-                n_kept = None if budget is None else method.kept_count(state, budget)
-                if n_kept is None:
-                    continue
-                if id(method) not in scores:
-                    scores[id(method)] = method.score(state)
-                record.kept[module.layer_idx] = method.kept_indices(
-                    state, budget, scores=scores[id(method)]
-                )
-            if on_layer is not None:
-                on_layer(state, [record.kept.get(module.layer_idx) for record in records])
-        return output
+        for (method, budget), cell_record in zip(selections, records, strict=True):
+            cell_record.prompt_length = state.prompt_length
+            if budget is None or method.kept_count(state, budget) is None:
+                continue
+            if id(method) not in scores:
+                scores[id(method)] = method.score(state)
+            cell_record.kept[state.layer_idx] = method.kept_indices(
+                state, budget, scores=scores[id(method)]
+            )
+        if on_layer is not None:
+            on_layer(state, [cell_record.kept.get(state.layer_idx) for cell_record in records])
 
-    handles = [
-        module.register_forward_hook(record_after_prefill, with_kwargs=True) for module in layers
-    ]
-    try:
+    with after_each_prefill(model, record):
         yield records
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def gathered_cache(full_cache: Cache, record: CompressionRecord) -> DynamicCache:
