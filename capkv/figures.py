@@ -44,11 +44,18 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from capkv.results import RUNS, aggregate, markdown, write_atomically
+from capkv.results import (
+    FAMILIES,
+    FAMILY_OF,
+    RUN_KEYS,
+    RUNS,
+    aggregate,
+    markdown,
+    write_atomically,
+)
 
 FULL = "full"
 AVERAGE = "average"
-RUN_KEYS = ["model", "task", "method", "budget", "protocol"]
 NEEDLE_COLUMNS = [*RUN_KEYS, "context_length", "depth", "prompt_tokens"]
 HOW_TO_RUN = (
     "produce results with `python run.py method=full` (the full-cache reference) and "
@@ -68,19 +75,6 @@ METHODS = {
 SPARE_COLOURS = ["#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 VARIANT_LINESTYLES = [":", "-.", (0, (5, 1, 1, 1, 1, 1))]
 
-# Task families: LongBench's six groups (Bai et al. 2023, table 1) and RULER's (Hsieh et al. 2024).
-FAMILIES = {
-    "Single-doc QA": ["narrativeqa", "qasper", "multifieldqa_en"],
-    "Multi-doc QA": ["hotpotqa", "2wikimqa", "musique"],
-    "Summarization": ["gov_report", "qmsum", "multi_news"],
-    "Few-shot": ["trec", "triviaqa", "samsum"],
-    "Synthetic": ["passage_count", "passage_retrieval_en"],
-    "Code": ["lcc", "repobench-p"],
-    "NIAH": ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"],
-    "Variable tracking": ["vt"],
-    "Aggregation": ["cwe", "fwe"],
-}
-FAMILY_OF = {subtask: family for family, subtasks in FAMILIES.items() for subtask in subtasks}
 SUBTASK_ORDER = list(FAMILY_OF)
 
 FIGURE_SUFFIXES = (".png", ".pdf")

@@ -29,6 +29,21 @@ EXAMPLES = "examples.jsonl"
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
 DIAGNOSTICS = ("capacity_fraction", "attention_error")  # see capkv.diagnostics
+RUN_KEYS = ["model", "task", "method", "budget", "protocol"]
+
+# Task families: LongBench's six groups (Bai et al. 2023, table 1) and RULER's (Hsieh et al. 2024).
+FAMILIES = {
+    "Single-doc QA": ["narrativeqa", "qasper", "multifieldqa_en"],
+    "Multi-doc QA": ["hotpotqa", "2wikimqa", "musique"],
+    "Summarization": ["gov_report", "qmsum", "multi_news"],
+    "Few-shot": ["trec", "triviaqa", "samsum"],
+    "Synthetic": ["passage_count", "passage_retrieval_en"],
+    "Code": ["lcc", "repobench-p"],
+    "NIAH": ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"],
+    "Variable tracking": ["vt"],
+    "Aggregation": ["cwe", "fwe"],
+}
+FAMILY_OF = {subtask: family for family, subtasks in FAMILIES.items() for subtask in subtasks}
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -194,22 +209,51 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def main_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Method x budget rows; per task its headline score (its first metric) and, for a task whose
+    subtasks fall into several families, one column per family (``<task>: <family>``, the mean of
+    its subtasks). ``average`` is the mean of the tasks' headlines, left empty (NaN) where a run
+    lacks one of the tasks, so that it never averages over different sets of tasks."""
+    index = ["model", "protocol", "method", "budget"]
+    if scores.empty:
+        return pd.DataFrame(columns=index)
+    first_metric = scores.groupby(RUN_KEYS)["metric"].transform("first")
+    headline = scores[scores["metric"] == first_metric]
+    tasks = headline[headline["subtask"] == "average"]
+    columns = [tasks.assign(column=tasks["task"])]
+    subtasks = headline[headline["subtask"] != "average"]
+    families = subtasks.assign(family=subtasks["subtask"].map(lambda s: FAMILY_OF.get(s, s)))
+    families = families.groupby([*RUN_KEYS, "family"], as_index=False)["score"].mean()
+    several = families.groupby("task")["family"].nunique()
+    families = families[families["task"].map(several) > 1]
+    columns.append(families.assign(column=families["task"] + ": " + families["family"]))
+    long = pd.concat(columns, ignore_index=True)
+    table = long.pivot_table(index=index, columns="column", values="score").reset_index()
+    task_names = sorted(tasks["task"].unique())
+    family_order = {family: i for i, family in enumerate(FAMILIES)}
+
+    def column_key(column: str) -> tuple:
+        task, _, family = column.partition(": ")
+        return task_names.index(task), family_order.get(family, len(family_order)), family
+
+    ordered = sorted((c for c in table.columns if c not in index), key=column_key)
+    table = table[[*index, *ordered]]
+    table.columns.name = None
+    table["average"] = table[task_names].mean(axis=1, skipna=False)
+    return table
+
+
 def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Write ``scores.csv/.md`` (every run), ``main_table.csv/.md`` (method x budget, headline
-    score per task) and ``needle.csv`` under ``results_dir``; return the frames."""
+    score per task and task family) and ``needle.csv`` under ``results_dir``; return the
+    frames."""
     results_dir = Path(results_dir)
     scores = score_table(results_dir)
-    headline = scores[scores["subtask"] == "average"].drop_duplicates(
-        ["model", "task", "method", "budget", "protocol"]
-    )
-    main = headline.pivot_table(
-        index=["model", "protocol", "method", "budget"], columns="task", values="score"
-    ).reset_index()
-    if not main.empty:
-        tasks = [c for c in main.columns if c not in ("model", "protocol", "method", "budget")]
-        main["average"] = main[tasks].mean(axis=1)
-    needle = needle_table(results_dir)
-    frames = {"scores": scores, "main_table": main, "needle": needle}
+    frames = {
+        "scores": scores,
+        "main_table": main_table(scores),
+        "needle": needle_table(results_dir),
+    }
     for name, frame in frames.items():
         write_atomically(results_dir / f"{name}.csv", frame.to_csv(index=False))
         if name != "needle":
