@@ -7,7 +7,8 @@ beyond the plain prefill's own peak, beside the size of one
 layer's T x T attention matrix (which no method allocates). Each method runs in its own
 process so that peak memory is its own.
 
-    .venv/bin/python scripts/bench_prefill.py [--tokens 4096] [--repeats 5] [--models tiny smollm2]
+    .venv/bin/python scripts/bench_prefill.py [--tokens 4096] [--repeats 5]
+        [--models tiny-random smollm2-135m] [--methods capkv h2o ...]
 
 Targets (issue 2): CapKV at most 1.05x, H2O at most 1.5x the plain sdpa prefill.
 """
@@ -83,9 +84,11 @@ def worker(model_name: str, method_name: str, tokens: int, repeats: int, budget:
     }
 
 
-def run_model(model_name: str, tokens: int, repeats: int, budget: int) -> list[dict]:
+def run_model(
+    model_name: str, tokens: int, repeats: int, budget: int, methods: list[str]
+) -> list[dict]:
     rows = []
-    for method_name in [name for name in METHODS if name != "none"]:
+    for method_name in methods:
         command = [
             sys.executable,
             __file__,
@@ -126,13 +129,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--models", nargs="+", default=["tiny-random", "smollm2-135m"])
+    parser.add_argument(
+        "--methods", nargs="+", default=[m for m in METHODS if m != "none"], choices=list(METHODS)
+    )
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.tokens, args.repeats, args.budget)))
         return
     for model_name in args.models:
         print_table(
-            model_name, args.tokens, run_model(model_name, args.tokens, args.repeats, args.budget)
+            model_name,
+            args.tokens,
+            run_model(model_name, args.tokens, args.repeats, args.budget, args.methods),
         )
 
 
