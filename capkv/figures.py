@@ -261,7 +261,9 @@ def render(job: Job) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [output(stem, suffix) for suffix in FIGURE_SUFFIXES]
     for path in paths:
-        figure.savefig(path, dpi=110)
+        # No creation date in the PDF, so that redrawing the same data gives the same file.
+        metadata = {"CreationDate": None} if path.suffix == ".pdf" else None
+        figure.savefig(path, dpi=110, metadata=metadata)
     return paths
 
 

@@ -198,13 +198,17 @@ def needle_table(results_dir: str | Path) -> pd.DataFrame:
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    """A Markdown table (pandas' to_markdown needs tabulate; this does not)."""
+    """A Markdown table (pandas' to_markdown needs tabulate; this does not); missing values
+    are left blank."""
     if frame.empty:
         return "(no runs yet)\n"
     columns = [str(c) for c in frame.columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for values in frame.itertuples(index=False):
-        cells = [f"{v:.1f}" if isinstance(v, float) else str(v) for v in values]
+        cells = [
+            ("" if math.isnan(v) else f"{v:.1f}") if isinstance(v, float) else str(v)
+            for v in values
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
