@@ -38,11 +38,13 @@ run: setup
 # The paper's experiments on SmolLM2-135M-Instruct (CPU); resumable, then the figures.
 reproduce: setup
 	$(BIN)/python run.py +experiment=needle_heatmaps
+	$(BIN)/python run.py +experiment=needle_context_limit
 	$(BIN)/python run.py +experiment=ruler
-	$(BIN)/python -m capkv.figures
+	$(MAKE) figures
 
 figures: setup
 	$(BIN)/python -m capkv.figures
+	$(BIN)/python -m capkv.figures --results results/context_limit --plots plots/context_limit
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -11,6 +11,7 @@ from capkv.tasks import haystack as haystack_module
 from capkv.tasks.base import Example
 from capkv.tasks.haystack import build_haystack, essay_dir, essay_files, read_essays
 from capkv.tasks.needle import (
+    MAGIC_NUMBER_INTRO,
     NeedleTask,
     digit_similarity,
     levenshtein,
@@ -67,9 +68,11 @@ def test_needle_sits_at_a_sentence_end_at_or_before_the_depth(tokenizer, depth: 
     task = NeedleTask(context_lengths=[length], depths=[depth])
     example = task.example(tokenizer, length, depth)
     needle = f"One of the special magic numbers for {key_of(example.question)} is:"
-    assert abs(count(tokenizer, example.context) - length) <= 3
+    intro, essays = example.context.split("\n", 1)
+    assert intro == MAGIC_NUMBER_INTRO
+    assert abs(count(tokenizer, essays) - length) <= 3
 
-    before, after = example.context.split(needle)
+    before, after = essays.split(needle)
     assert before == "" or before.rstrip().endswith(".")
     haystack_tokens = length - count(tokenizer, " " + needle + " 1234567.")
     target = int(haystack_tokens * depth / 100)
@@ -103,6 +106,7 @@ def test_example_layout_ids_and_metadata(tokenizer) -> None:
         f"The special magic number for {key} mentioned in the provided text is"
     )
     assert f"One of the special magic numbers for {key} is: {value}." in example.context
+    assert example.context.startswith(f"{MAGIC_NUMBER_INTRO}\n")
     assert example.use_chat_template and example.max_new_tokens == 16
 
 
@@ -118,11 +122,21 @@ def test_san_francisco_needle_and_overrides() -> None:
     texts = NeedleTask(needle_kind="san_francisco").texts(1024, 0.0)
     assert texts["needle"].startswith("The best thing to do in San Francisco is eat a sandwich")
     assert texts["answer_prefix"] == "The best thing to do in San Francisco is"
+    assert texts["intro"] == ""
     assert NeedleTask(needle_kind="san_francisco").max_new_tokens == 32
     custom = NeedleTask(needle="The code for {key} is {value}.", answer="{value}")
     filled = custom.texts(1024, 0.0)
     key = key_of(filled["question"])
     assert filled["needle"] == f"The code for {key} is {filled['answer']}."
+    assert filled["intro"] == MAGIC_NUMBER_INTRO
+
+
+def test_an_empty_intro_leaves_the_essays_alone(tokenizer) -> None:
+    example = NeedleTask(intro="").example(tokenizer, 512, 50.0)
+    assert example.context.startswith(read_essays()[:40])
+    assert MAGIC_NUMBER_INTRO not in example.context
+    san_francisco = NeedleTask(needle_kind="san_francisco").example(tokenizer, 512, 50.0)
+    assert not san_francisco.context.startswith("\n")
 
 
 def test_invalid_settings_are_rejected() -> None:

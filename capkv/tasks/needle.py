@@ -37,14 +37,22 @@ _NOUNS = (
     "walrus", "wagon", "willow", "zeppelin",
 )  # fmt: skip
 
+# RULER's NIAH intro for one needle asked for (its niah_single template); without it SmolLM2-135M
+# loses needles from 6k tokens on (3 of 5 found at 6k, 5 of 5 with it).
+MAGIC_NUMBER_INTRO = (
+    "A special magic number is hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the number afterwards."
+)
 NEEDLE_KINDS: dict[str, dict[str, str]] = {
     "magic_number": {
+        "intro": MAGIC_NUMBER_INTRO,
         "needle": "One of the special magic numbers for {key} is: {value}.",
         "question": "What is the special magic number for {key} mentioned in the provided text?",
         "answer": "{value}",
         "answer_prefix": "The special magic number for {key} mentioned in the provided text is",
     },
     "san_francisco": {
+        "intro": "",
         "needle": "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park "
         "on a sunny day.",
         "question": "What is the best thing to do in San Francisco?",
@@ -133,24 +141,26 @@ def rouge1_recall(prediction: str, reference: str) -> float:
 class NeedleTask:
     """Needle-in-a-haystack grid over Paul Graham's essays (Kamradt; needles as in RULER).
 
-    One example per (context length, depth) cell. The user prompt is ``"<context>\\n\\n<question>"``
-    with the answer prefix opening the assistant turn (METHODS.md, "Needle in a haystack").
+    One example per (context length, depth) cell. The user prompt is
+    ``"<intro>\\n<essays with the needle>\\n\\n<question>"`` (RULER's NIAH template) with the answer
+    prefix opening the assistant turn (METHODS.md, "Needle in a haystack").
 
     Parameters
     ----------
     context_lengths : list[int]
         Length of the context (essays with the needle inserted) in tokens of the model's
-        tokenizer, within a few tokens. The defaults leave room in an 8k-position model (SmolLM2)
-        for the chat template, the question, the answer prefix and the answer.
+        tokenizer, within a few tokens. The defaults stop at 6k tokens, the longest at which
+        SmolLM2-135M-Instruct with its full cache still finds the needle (experiments/README.md).
     depths : list[float]
         Needle depths in percent of the context (0 = first sentence, 100 = end).
     needle_kind : str
         ``"magic_number"``: RULER's "One of the special magic numbers for {key} is: {value}." with
         a 7-digit value and an adjective-noun key, both drawn per cell from ``seed``;
         ``"san_francisco"``: Kamradt's original needle "The best thing to do in San Francisco is
-        eat a sandwich and sit in Dolores Park on a sunny day."
-    needle, question, answer, answer_prefix : str, optional
-        Override the kind's texts; ``{key}`` and ``{value}`` are filled in per cell.
+        eat a sandwich and sit in Dolores Park on a sunny day.", without an intro, as Kamradt's.
+    intro, needle, question, answer, answer_prefix : str, optional
+        Override the kind's texts; ``{key}`` and ``{value}`` are filled in per cell. The intro
+        precedes the essays on a line of its own; an empty intro leaves the essays alone.
     seed : int
         Seed of the per-cell keys and values.
     max_new_tokens : int, optional
@@ -166,11 +176,10 @@ class NeedleTask:
     for the free-text needle.
     """
 
-    context_lengths: list[int] = field(
-        default_factory=lambda: [1024, 2048, 3072, 4096, 5120, 6144, 7168]
-    )
+    context_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 3072, 4096, 5120, 6144])
     depths: list[float] = field(default_factory=lambda: [0.0, 25.0, 50.0, 75.0, 100.0])
     needle_kind: str = "magic_number"
+    intro: str | None = None
     needle: str | None = None
     question: str | None = None
     answer: str | None = None
@@ -194,17 +203,18 @@ class NeedleTask:
             self.max_new_tokens = _DEFAULT_MAX_NEW_TOKENS[self.needle_kind]
 
     def texts(self, context_length: int, depth: float) -> dict[str, str]:
-        """Needle, question, answer and answer prefix of one cell, with key and value filled in."""
+        """Intro, needle, question, answer and answer prefix of one cell, key and value filled in."""
         rng = random.Random(f"{self.seed}:{context_length}:{depth}")
         fill = {"key": magic_key(rng), "value": magic_number(rng)}
         overrides = {
+            "intro": self.intro,
             "needle": self.needle,
             "question": self.question,
             "answer": self.answer,
             "answer_prefix": self.answer_prefix,
         }
         return {
-            part: (overrides[part] or default).format(**fill)
+            part: (default if overrides[part] is None else overrides[part]).format(**fill)
             for part, default in NEEDLE_KINDS[self.needle_kind].items()
         }
 
@@ -213,9 +223,10 @@ class NeedleTask:
         texts = self.texts(context_length, depth)
         needle_tokens = len(tokenizer(" " + texts["needle"], add_special_tokens=False)["input_ids"])
         haystack = build_haystack(tokenizer, max(context_length - needle_tokens, 0))
+        essays = insert_needles(tokenizer, haystack, [texts["needle"]], [depth])
         return Example(
             example_id=f"len{context_length}_depth{depth:g}",
-            context=insert_needles(tokenizer, haystack, [texts["needle"]], [depth]),
+            context=f"{texts['intro']}\n{essays}" if texts["intro"] else essays,
             question="\n\n" + texts["question"],
             answers=[texts["answer"]],
             max_new_tokens=self.max_new_tokens,

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 from capkv.tasks.base import Example
 from capkv.tasks.haystack import build_haystack, insert_needles, read_essays
-from capkv.tasks.needle import check_prompt_fits, magic_key, magic_number
+from capkv.tasks.needle import MAGIC_NUMBER_INTRO, check_prompt_fits, magic_key, magic_number
 
 # RULER's "repeat" haystack (niah_single_1) and the noise of its variable tracking.
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -36,8 +36,7 @@ NEEDLE_DEPTHS = tuple(round(100 * i / 39) for i in range(40))
 # RULER's NIAH intro, question and answer prefix, keyed by "one value asked for" (singular).
 NIAH_TEXTS = {
     True: (
-        "A special magic number is hidden within the following text. Make sure to memorize it. "
-        "I will quiz you about the number afterwards.",
+        MAGIC_NUMBER_INTRO,
         "What is the special magic number for {query} mentioned in the provided text?",
         "The special magic number for {query} mentioned in the provided text is",
     ),
