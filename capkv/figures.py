@@ -351,6 +351,15 @@ def heatmap_layout(runs: pd.DataFrame) -> tuple[list[str], list[str]]:
     return methods, sorted(budgets, key=budget_sort_key) or [FULL]
 
 
+def fitted_title(title: str, width: float, fontsize: float = 11.0) -> str:
+    """``title``, broken after its first colon when one line would be wider than ``width``
+    inches (a character is taken as 0.55 em, wide for DejaVu Sans' average)."""
+    if len(title) * 0.55 * fontsize / 72 <= width - 0.2:
+        return title
+    head, colon, tail = title.partition(": ")
+    return f"{head}:\n{tail}" if colon else title
+
+
 def heatmap_figure(rows: pd.DataFrame, score: str, title: str) -> Figure:
     """Needle heatmaps of ``rows``, methods as rows and budgets as columns (a single run gives a
     single panel); the full cache sits in the first column of its row. One colour bar."""
@@ -360,8 +369,10 @@ def heatmap_figure(rows: pd.DataFrame, score: str, title: str) -> Figure:
     single = len(methods) == len(budgets) == 1
     cell = (0.75, 0.45) if single else (0.5, 0.3)
     panel = (max(2.4, cell[0] * len(lengths)), max(1.4, cell[1] * len(depths)))
-    margins, gaps = (1.2, 1.3, 0.75, 0.8), (0.15, 0.35)
-    width = margins[0] + margins[1] + (panel[0] + gaps[0]) * len(budgets) - gaps[0]
+    left, right, bottom, gaps = 1.2, 1.3, 0.75, (0.15, 0.35)
+    width = left + right + (panel[0] + gaps[0]) * len(budgets) - gaps[0]
+    title = fitted_title(title, width)
+    margins = (left, right, bottom, 0.8 + 0.2 * title.count("\n"))
     height = margins[2] + margins[3] + (panel[1] + gaps[1]) * len(methods) - gaps[1]
     figure = new_figure(width, height)
     axes = panel_grid(figure, (len(methods), len(budgets)), margins, gaps)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from capkv.figures import budget_sort_key, main, parse_budget, safe_name
+from capkv.figures import budget_sort_key, fitted_title, main, parse_budget, safe_name
 from capkv.results import ExampleLog, run_directory, write_metrics
 
 MODEL = "org/tiny-0.5b"  # a slash and a dot: file names must be path-safe and whole
@@ -203,3 +203,12 @@ def test_budget_labels_and_file_names() -> None:
         safe_name("meta-llama/Llama 3", "needle", "capkv-v2")
         == "meta-llama-Llama-3_needle_capkv-v2"
     )
+
+
+def test_a_title_too_wide_for_its_figure_breaks_after_its_colon() -> None:
+    title = "Needle in a haystack, graded score (0-1): smollm2-135m · needle · query_aware"
+    assert fitted_title(title, width=12.0) == title
+    assert fitted_title(title, width=4.9) == (
+        "Needle in a haystack, graded score (0-1):\nsmollm2-135m · needle · query_aware"
+    )
+    assert fitted_title("no colon " * 20, width=2.0) == "no colon " * 20
