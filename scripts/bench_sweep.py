@@ -124,7 +124,7 @@ def time_kvpress(model, eager_model, tokenizer, task) -> float:
 
 def warm_up(model, eager_model, tokenizer, task) -> None:
     """One untimed prefill per model, so that no mode pays the process's first-call costs."""
-    example, prompt = prepared_examples(model, tokenizer, task)[0]
+    _, prompt = prepared_examples(model, tokenizer, task)[0]
     for runner in (model, eager_model):
         with torch.inference_mode():
             prefill(runner, prefill_ids(prompt, PROTOCOL), DynamicCache())
