@@ -21,7 +21,8 @@ class EvictionMethod:
 
     Subclasses override :meth:`score`, and optionally :meth:`protected` (tokens always kept),
     :meth:`layer_budget` (a per-layer number of kept tokens, as in PyramidKV) and
-    :meth:`check_budget` (budgets the method cannot honour).
+    :meth:`check_budget` (budgets the method cannot honour). Every method's definition and
+    hyperparameters, and the budget and protocol conventions: ``docs/methods.md``.
     """
 
     def score(self, layer: LayerPrefill) -> torch.Tensor:

@@ -5,7 +5,7 @@ a given depth of a haystack of essays cut to a given length and asks for it back
 as a heatmap (x = length, y = depth). The default needle is RULER's (Hsieh et al. 2024, arXiv
 2404.06654): a 7-digit "special magic number" for a random key, scored by string match, plus a
 graded score (edit similarity of the digits) because small models under eviction drop single
-digits long before they lose the needle (see METHODS.md, "Measured on SmolLM2").
+digits long before they lose the needle (docs/methods.md, "Tasks and their prompts").
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class NeedleTask:
 
     One example per (context length, depth) cell. The user prompt is
     ``"<intro>\\n<essays with the needle>\\n\\n<question>"`` (RULER's NIAH template) with the answer
-    prefix opening the assistant turn (METHODS.md, "Needle in a haystack").
+    prefix opening the assistant turn (docs/methods.md, "Tasks and their prompts").
 
     Parameters
     ----------
