@@ -37,9 +37,9 @@ run: setup
 
 # The paper's experiments on SmolLM2-135M-Instruct (CPU); resumable, then the figures.
 reproduce: setup
-	$(BIN)/python run.py +experiment=needle_heatmaps
-	$(BIN)/python run.py +experiment=needle_context_limit
-	$(BIN)/python run.py +experiment=ruler
+	$(BIN)/python run.py experiment=needle_heatmaps
+	$(BIN)/python run.py experiment=needle_context_limit
+	$(BIN)/python run.py experiment=ruler
 	$(MAKE) figures
 
 figures: setup

@@ -9,7 +9,7 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
-from capkv.cli import check_group_choices, run_from_config
+from capkv.cli import check_group_choices, plain_experiment, run_from_config
 
 log = logging.getLogger("run")
 USER_ERRORS = (ValueError, FileNotFoundError)
@@ -35,5 +35,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = plain_experiment(sys.argv[1:])
     check_group_choices(sys.argv[1:])
     main()

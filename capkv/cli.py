@@ -51,6 +51,14 @@ def check_group_choices(argv: list[str]) -> None:
                 )
 
 
+def plain_experiment(argv: list[str]) -> list[str]:
+    """``argv`` with ``+experiment=NAME`` (the older spelling) written ``experiment=NAME``.
+
+    ``experiment`` is in the defaults list (empty by default), so Hydra refuses the ``+``.
+    """
+    return [a[1:] if a.startswith("+experiment=") else a for a in argv]
+
+
 @cache
 def load_model_cached(model_yaml: str) -> tuple[Any, Any]:
     """Load each model once per process, so a multirun sweep does not reload it per job."""

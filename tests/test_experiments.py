@@ -5,12 +5,20 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from capkv.cli import CONF_DIR, group_options
+from capkv.cli import CONF_DIR, group_options, plain_experiment
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_experiment_composes(experiment):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={experiment}"])
+        cfg = compose("config", overrides=[f"experiment={experiment}"])
     assert set(cfg.methods) <= set(group_options("method"))
     assert cfg.ratios or cfg.budgets or list(cfg.methods) == ["full"]
+
+
+def test_experiment_is_chosen_without_a_plus_and_the_plus_still_works():
+    assert plain_experiment(["+experiment=ruler", "+foo=1", "budget=5"]) == [
+        "experiment=ruler",
+        "+foo=1",
+        "budget=5",
+    ]
