@@ -83,7 +83,11 @@ class CapKV(EvictionMethod):
         logits = self.tau * cosine
         return torch.exp(logits - logits[..., self.n_sink :].amax(dim=-1, keepdim=True))
 
-    def score(self, layer: LayerPrefill) -> torch.Tensor:
+    def ridge_leverage(self, layer: LayerPrefill) -> torch.Tensor:
+        """s_i = w_i v_i^T A^-1 v_i per query head for the non-sink tokens, (B, H_kv, G, T - n_sink).
+
+        Every s_i lies in [0, 1), since A holds ``(w_i + eps) v_i v_i^T``.
+        """
         weights = self.relevance_weights(layer)[..., self.n_sink :]
         values = layer.values[:, :, self.n_sink :].float().unsqueeze(2)  # (B, H_kv, 1, T', d)
         gram = (values.transpose(-1, -2) * (weights + self.eps).unsqueeze(-2)) @ values
@@ -91,8 +95,10 @@ class CapKV(EvictionMethod):
         # A is symmetric positive definite (eigenvalues >= 1): invert it through Cholesky.
         inverse = torch.cholesky_inverse(torch.linalg.cholesky(capacity))
         leverage = ((values @ inverse) * values).sum(dim=-1)  # v_i^T A^-1 v_i
-        scores = (weights * leverage).mean(dim=2)
-        return F.pad(scores, (self.n_sink, 0))
+        return weights * leverage
+
+    def score(self, layer: LayerPrefill) -> torch.Tensor:
+        return F.pad(self.ridge_leverage(layer).mean(dim=2), (self.n_sink, 0))
 
     def capacity(self, layer: LayerPrefill, kept: torch.Tensor | None = None) -> torch.Tensor:
         """Retained log-det capacity per KV head, (B, H_kv): mean over its query heads.
