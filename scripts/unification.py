@@ -14,7 +14,7 @@ It writes ``agreement.csv|md`` and ``optimum.csv|md`` under ``--results`` and tw
 ``--plots``; the optimum table joins each method's task score from ``results/scores.csv`` (the
 committed sweep results) where that cell exists.
 
-    .venv/bin/python scripts/unification.py [--prompts 4] [--layers 0 5 10 ...]
+    .venv/bin/python scripts/unification.py [--prompts 4] [--layers 0 5 10 ...] [--threads 1]
     .venv/bin/python scripts/unification.py --calibrate   # the greedy's speed on this machine
 """
 
@@ -235,7 +235,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="conf/model name")
     parser.add_argument("--tasks", nargs="+", default=["needle_grid", "ruler"])
     parser.add_argument(
-        "--task-overrides", nargs="*", default=[], help="e.g. task.context_lengths=[2048]"
+        "--task-overrides",
+        nargs="*",
+        default=[],
+        help="Hydra overrides of the tasks, e.g. task.context_lengths=[2048]; "
+        "ruler:task.num_examples=1 applies to one task only",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument(
         "--prompts", type=int, default=4, help="prompts per task, spread over the task"
@@ -258,10 +265,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.calibrate:
         print(f"greedy selection: {calibrate():.3g} multiply-adds per second")
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     agreement, optimum = [], []
     for task_name in args.tasks:
         try:
-            model, tokenizer, task = load(args.model, task_name, args.task_overrides)
+            overrides = [
+                o.partition(":")[2] if ":" in o.split("=")[0] else o
+                for o in args.task_overrides
+                if ":" not in o.split("=")[0] or o.startswith(f"{task_name}:")
+            ]
+            model, tokenizer, task = load(args.model, task_name, overrides)
             task_agreement, task_optimum = measure_task(model, tokenizer, task, task_name, args)
         except ValueError as error:
             sys.exit(f"error: {error}")
