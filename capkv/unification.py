@@ -37,8 +37,9 @@ from capkv.layer import LayerPrefill
 from capkv.method import EvictionMethod
 
 REFERENCES = ("removal_cost", "relevance", "relevance_norm", "leverage")
-# Multiply-adds per second of the greedy selection's inner products on this project's 2-core CPU
-# (measured by scripts/unification.py --calibrate); used only to refuse hour-long requests.
+# Multiply-adds per second of the greedy selection on this project's 2-core CPU, rounded down from
+# what scripts/unification.py --calibrate measured with one thread (2.6e9); it only serves to
+# refuse requests that would take hours.
 GREEDY_RATE = 2.0e9
 
 

@@ -14,7 +14,8 @@ It writes ``agreement.csv|md`` and ``optimum.csv|md`` under ``--results`` and tw
 ``--plots``; the optimum table joins each method's task score from ``results/scores.csv`` (the
 committed sweep results) where that cell exists.
 
-    .venv/bin/python scripts/unification.py [--prompts 4] [--layers 0 5 10 ...] [--threads 1]
+    .venv/bin/python scripts/unification.py --threads 1   # the README's numbers, about 50 min
+    .venv/bin/python scripts/unification.py --redraw      # tables and figures from the saved rows
     .venv/bin/python scripts/unification.py --calibrate   # the greedy's speed on this machine
 """
 
@@ -218,12 +219,12 @@ def optimum_figure(table: pd.DataFrame, title: str):
             )
             for _, row in group.iterrows():
                 ax.annotate(
-                    row["budget"].replace("ratio", "r"),
+                    f"{float(row['budget'].removeprefix('ratio')):.0%}",
                     (row["fraction_of_greedy"], row["task_score"]),
                     fontsize=7,
                 )
         ax.set_title(f"{task} ({SCORE_OF_TASK[task]})", fontsize=10)
-        ax.set_xlabel("capacity kept, % of greedy selection's")
+        ax.set_xlabel("capacity kept, % of greedy selection's (labels: prompt removed)")
         ax.set_ylabel("task score (0-100)")
         ax.legend(fontsize=8)
     figure.suptitle(title)
@@ -237,15 +238,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--task-overrides",
         nargs="*",
-        default=[],
+        default=["ruler:task.context_lengths=[4096]", "ruler:task.num_examples=1"],
         help="Hydra overrides of the tasks, e.g. task.context_lengths=[2048]; "
-        "ruler:task.num_examples=1 applies to one task only",
+        "ruler:task.num_examples=1 applies to one task only (default: one RULER prompt per "
+        "subtask at 4k tokens)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument(
-        "--prompts", type=int, default=4, help="prompts per task, spread over the task"
+        "--prompts", type=int, default=7, help="prompts per task, spread over the task"
     )
     parser.add_argument(
         "--methods",
@@ -259,12 +261,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scores", type=Path, default=Path("results/scores.csv"))
     parser.add_argument("--plots", type=Path, default=Path("plots/unification"))
     parser.add_argument(
+        "--redraw",
+        action="store_true",
+        help="rebuild the tables and figures from the rows under --results, without a model",
+    )
+    parser.add_argument(
         "--calibrate", action="store_true", help="print the greedy's speed and exit"
     )
     args = parser.parse_args(argv)
     if args.calibrate:
         print(f"greedy selection: {calibrate():.3g} multiply-adds per second")
         return
+    if not args.redraw:
+        for name, frame in zip(("agreement_rows", "optimum_rows"), measure(args), strict=True):
+            text = frame.to_csv(index=False, float_format="%.6g")
+            write_atomically(args.results / f"{name}.csv", text)
+    # Tables and figures always come from the saved rows, so --redraw reproduces them exactly.
+    agreement_frame = pd.read_csv(args.results / "agreement_rows.csv")
+    optimum_frame = pd.read_csv(args.results / "optimum_rows.csv")
+    summary = agreement_summary(agreement_frame)
+    optimum_table = optimum_summary(optimum_frame, args.scores, args.model)
+    for name, frame in [("agreement", summary), ("optimum", optimum_table)]:
+        write_atomically(args.results / f"{name}.csv", frame.to_csv(index=False))
+        write_atomically(args.results / f"{name}.md", markdown(readable(frame)))
+    draw(agreement_frame, optimum_table, args)
+    print(markdown(readable(summary)))
+    print(markdown(optimum_table))
+
+
+def measure(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Agreement and optimum rows of every task's prompts."""
     if args.threads:
         torch.set_num_threads(args.threads)
     agreement, optimum = [], []
@@ -281,18 +307,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {error}")
         agreement += task_agreement
         optimum += task_optimum
-    agreement_frame, optimum_frame = pd.DataFrame(agreement), pd.DataFrame(optimum)
-    summary = agreement_summary(agreement_frame)
-    optimum_table = optimum_summary(optimum_frame, args.scores, args.model)
-    for name, frame in [
-        ("agreement_rows", agreement_frame),
-        ("optimum_rows", optimum_frame),
-        ("agreement", summary),
-        ("optimum", optimum_table),
-    ]:
-        write_atomically(args.results / f"{name}.csv", frame.to_csv(index=False))
-        if not name.endswith("rows"):
-            write_atomically(args.results / f"{name}.md", markdown(readable(frame)))
+    return pd.DataFrame(agreement), pd.DataFrame(optimum)
+
+
+def draw(agreement_frame: pd.DataFrame, optimum_table: pd.DataFrame, args) -> None:
+    """The two figures, as PNG under ``--plots``."""
     args.plots.mkdir(parents=True, exist_ok=True)
     prompts = f"{args.model}, {len(agreement_frame['example_id'].unique())} prompts"
     for stem, figure in [
@@ -311,8 +330,6 @@ def main(argv: list[str] | None = None) -> None:
         ),
     ]:
         figure.savefig(args.plots / f"{stem}.png", dpi=130, bbox_inches="tight")
-    print(markdown(readable(summary)))
-    print(markdown(optimum_table))
 
 
 if __name__ == "__main__":
