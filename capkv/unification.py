@@ -19,6 +19,21 @@ scores both. This module measures, on real prefill states:
 
 Capacities use CapKV's relevance weights with its default hyperparameters and are averaged over
 the query heads of each KV head, as in :mod:`capkv.diagnostics`.
+
+Reductions (each a test in ``tests/test_unification.py``):
+
+- orthogonal value vectors of equal norm ``c``: ``s_i = w_i c^2 / (1 + (w_i + eps) c^2)`` grows
+  with ``w_i``, so CapKV ranks by relevance alone (what attention-mass heuristics aim at);
+- ``tau = 0``: every ``w_i = 1`` and CapKV ranks by the leverage alone (pure redundancy);
+- a relevance that grows with position (a recency prior) and orthogonal values: CapKV keeps the
+  sinks and the most recent tokens, StreamingLLM's set.
+
+H2O and SnapKV do not reduce to the relevance term as implemented: they sum softmax attention
+over many queries (every prompt query, or the window's), each normalised over the keys it can
+see, while ``w_i`` is the exponential of one cosine with one averaged anchor. The two rank tokens
+alike only for a single query whose direction is the anchor's and keys of equal norm (softmax
+is then monotone in the cosine); with many causal queries, early tokens collect attention from
+more of them, a bias ``w_i`` does not have.
 """
 
 from __future__ import annotations
