@@ -603,6 +603,11 @@ class CustomJsonlTask:
                 "a JSONL file with input, context and answers fields."
             )
         _check_limit(self.max_examples)
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens must be a positive number of tokens, got {self.max_new_tokens}; "
+                "pass e.g. task.max_new_tokens=64."
+            )
         check_jsonl(Path(self.path), self.max_examples)
         self._format = PromptFormat(self.template, self.max_new_tokens, self.use_chat_template)
 
