@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -677,6 +678,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default="results", help="results folder (default: results)")
     parser.add_argument("--plots", default="plots", help="output folder (default: plots)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     with one_line_errors():
         written, kept = draw_all(args.results, args.plots)
     if not written:

@@ -89,13 +89,13 @@ def finished_rows(run_dir: Path) -> list[dict[str, Any]]:
         return []
     rows: list[dict[str, Any]] = []
     seen = set()
-    with path.open(encoding="utf-8", errors="replace") as stream:
+    with path.open("rb") as stream:
         for number, line in enumerate(stream, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 row = None
             if not isinstance(row, dict) or "example_id" not in row:
                 log.warning(

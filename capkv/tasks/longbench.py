@@ -316,6 +316,12 @@ def build_example(
     )
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type."""
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "list"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def check_record(record: Any, where: str) -> dict[str, Any]:
     """``record`` as a record of the LongBench schema, or a ValueError naming ``where`` and the
     field at fault.
@@ -334,7 +340,7 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
     """
     if not isinstance(record, dict):
         raise ValueError(
-            f"{where} holds a JSON {type(record).__name__}, not an object; every line must be an "
+            f"{where} holds a JSON {json_type(record)}, not an object; every line must be an "
             f"object with the fields {list(_REQUIRED_FIELDS)}."
         )
     for name in _REQUIRED_FIELDS:
@@ -392,12 +398,14 @@ def read_jsonl(path: Path, limit: int | None = None) -> Iterator[dict[str, Any]]
         Naming the file, the line number and the field, if a line is not a JSON object, lacks
         ``input``, ``context`` or ``answers``, or holds a field of the wrong type.
     """
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         lines = ((number, line) for number, line in enumerate(handle, start=1) if line.strip())
         for number, line in islice(lines, limit):
             where = f"line {number} of {path}"
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ValueError(f"{where} is not UTF-8 text; save the file as UTF-8.") from None
             except json.JSONDecodeError as error:
                 raise ValueError(
                     f"{where} is not valid JSON ({error.msg} at column {error.colno}); fix or "
