@@ -70,9 +70,14 @@ def check_list(key: str, value: Any, example: str) -> list[Any] | None:
 def check_budgets(cfg: dict[str, Any]) -> None:
     """``budget``/``ratio``/``default_budget`` and the sweep lists ``budgets``/``ratios``."""
     if cfg.get("budget") is not None and not is_integer(cfg["budget"]):
-        what = "a fraction" if is_number(cfg["budget"]) else "not a number"
+        budget = cfg["budget"]
+        what = (
+            "not a number"
+            if not is_number(budget)
+            else ("written as a decimal" if float(budget).is_integer() else "a fraction")
+        )
         raise ValueError(
-            f"budget={shown(cfg['budget'])} is {what}; pass a whole number of tokens kept per KV "
+            f"budget={shown(budget)} is {what}; pass a whole number of tokens kept per KV "
             "head (budget=512), or ratio=R for the fraction of the prompt removed."
         )
     if cfg.get("ratio") is not None and not is_number(cfg["ratio"]):
