@@ -2,39 +2,28 @@
 
 from __future__ import annotations
 
-import logging
+import os
 import sys
 
 import hydra
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from capkv.cli import check_group_choices, plain_experiment, run_from_config
-
-log = logging.getLogger("run")
-USER_ERRORS = (ValueError, FileNotFoundError)
-
-
-def user_error(error: BaseException) -> BaseException | None:
-    """The bad-input error behind ``error`` (Hydra wraps those raised while instantiating)."""
-    while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__
-    return error if isinstance(error, USER_ERRORS) else None
+from capkv.errors import one_line_errors, stop_on_sigterm
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors(results_dir=cfg.results_dir):
         run_from_config(cfg)
-    except (*USER_ERRORS, InstantiationException) as error:
-        cause = user_error(error)
-        if cause is None:
-            raise
-        log.debug("bad input", exc_info=cause)
-        sys.exit(f"error: {cause}")
 
 
 if __name__ == "__main__":
+    # Hydra's own errors (a misspelt key, an unreadable override) reach one_line_errors instead
+    # of being printed by Hydra over several lines.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    stop_on_sigterm()
     sys.argv[1:] = plain_experiment(sys.argv[1:])
-    check_group_choices(sys.argv[1:])
-    main()
+    with one_line_errors():
+        check_group_choices(sys.argv[1:])
+        main()

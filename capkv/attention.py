@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from capkv.layer import LayerPrefill
 
 
-@lru_cache(maxsize=8)
 def _future_mask(n_queries: int, device: torch.device) -> torch.Tensor:
-    """(n, n) mask of the keys after each query within one chunk (True = masked)."""
+    """(n, n) mask of the keys after each query within one chunk (True = masked).
+
+    Not cached: a mask made under ``torch.inference_mode`` (a run) could not be used later in a
+    computation autograd tracks (a test, a caller without ``no_grad``).
+    """
     return torch.ones(n_queries, n_queries, dtype=torch.bool, device=device).triu_(1)
 
 

@@ -17,9 +17,18 @@ from transformers.utils import logging as transformers_logging
 from capkv.budget import Budget
 from capkv.engine import resolve_budget
 from capkv.method import EvictionMethod
-from capkv.results import CONFIG, aggregate, markdown, run_directory, write_atomically
+from capkv.results import (
+    CONFIG,
+    aggregate,
+    markdown,
+    run_directory,
+    stored_config,
+    write_atomically,
+)
 from capkv.runner import CellLog, check_protocol, run_cell
 from capkv.sweep import SweepCell, run_sweep
+from capkv.tasks.base import capped
+from capkv.validation import check_config
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +89,9 @@ def choose_budget(cfg: DictConfig, method: EvictionMethod) -> Budget | None:
 
 def check_same_config(run_dir: Path, resolved: dict[str, Any]) -> None:
     """A directory holding results of other settings is never silently extended."""
-    stored_path = run_dir / CONFIG
-    if not stored_path.exists():
+    stored = stored_config(run_dir)
+    if stored is None:
         return
-    stored = OmegaConf.to_container(OmegaConf.load(stored_path))
     differing = [
         f"{section}.{key}"
         for section in ("model", "method", "task")
@@ -181,7 +189,8 @@ def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run the cell (or, with methods/budgets/ratios lists, the sweep) ``cfg`` describes."""
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    task = instantiate(cfg.task)
+    check_config(cfg)
+    task = capped(instantiate(cfg.task), cfg.max_examples)
     cells = plan_cells(cfg, task.name)
     model, tokenizer = load_model_cached(OmegaConf.to_yaml(cfg.model))
     if sweep_mode(cfg):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -44,6 +45,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
+from capkv.errors import one_line_errors
 from capkv.results import (
     FAMILIES,
     FAMILY_OF,
@@ -180,11 +182,28 @@ def subtask_sort_key(subtask: str) -> tuple[int, int, str]:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    """The table at ``path``; empty when the file is missing or holds no rows."""
+    """The table at ``path``; empty when the file is missing or holds no rows.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a table of runs (damaged, or not written by the harness).
+    """
     try:
-        return pd.read_csv(path)
+        frame = pd.read_csv(path)
     except (FileNotFoundError, pd.errors.EmptyDataError):
         return pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        problem = f"is not a CSV table ({str(error).splitlines()[0]})"
+    else:
+        missing = [key for key in RUN_KEYS if key not in frame.columns]
+        if not missing:
+            return frame
+        problem = f"lacks the columns {', '.join(missing)}"
+    raise ValueError(
+        f"{path} {problem}; delete it (the next run.py rebuilds the tables from the run folders "
+        "under runs/)."
+    )
 
 
 def load_tables(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -295,7 +314,12 @@ def render_changed(jobs: list[Job], plots_dir: Path) -> tuple[list[Path], int]:
     Returns the paths written and the number of figures kept as they were.
     """
     record = plots_dir / FINGERPRINTS
-    known = json.loads(record.read_text()) if record.exists() else {}
+    try:
+        known = json.loads(record.read_text())
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+        known = {}  # no cache, or a damaged one: every figure is drawn again
+    if not isinstance(known, dict):
+        known = {}
     current = {job[0].relative_to(plots_dir).as_posix(): fingerprint(job) for job in jobs}
     changed = [
         job
@@ -654,7 +678,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default="results", help="results folder (default: results)")
     parser.add_argument("--plots", default="plots", help="output folder (default: plots)")
     args = parser.parse_args(argv)
-    written, kept = draw_all(args.results, args.plots)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    with one_line_errors():
+        written, kept = draw_all(args.results, args.plots)
     if not written:
         print(f"Nothing to draw: no results under {args.results}/; {HOW_TO_RUN}")
         return

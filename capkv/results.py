@@ -15,14 +15,20 @@ example in flight. :func:`aggregate` collects every ``metrics.json`` (and the ne
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import tempfile
+import secrets
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger(__name__)
 
 RUNS = "runs"
 EXAMPLES = "examples.jsonl"
@@ -47,15 +53,19 @@ FAMILY_OF = {subtask: family for family, subtasks in FAMILIES.items() for subtas
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written).
+
+    The file gets the permissions a plain ``open`` would give it (0666 less the umask).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
@@ -68,18 +78,64 @@ def run_directory(
 
 
 def finished_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """Rows already written; a torn last line (a run killed mid-write) is dropped."""
+    """Rows already written, each valid one kept wherever it is in the file.
+
+    A damaged line (a run killed mid-write, a line edited by hand) is reported with the file and
+    line number and skipped; its example runs again, and the next write of the file leaves the
+    line out. A row repeating an example already read is skipped too.
+    """
     path = run_dir / EXAMPLES
     if not path.exists():
         return []
-    rows = []
-    with path.open() as stream:
-        for line in stream:
+    rows: list[dict[str, Any]] = []
+    seen = set()
+    with path.open("rb") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = None
+            if not isinstance(row, dict) or "example_id" not in row:
+                log.warning(
+                    "%s, line %d, is not a result row (damaged or cut short); it is skipped and "
+                    "its example runs again.",
+                    path,
+                    number,
+                )
+                continue
+            if row["example_id"] not in seen:
+                seen.add(row["example_id"])
+                rows.append(row)
     return rows
+
+
+def stored_config(run_dir: Path) -> dict[str, Any] | None:
+    """The ``config.yaml`` of a run folder (None when it has none yet).
+
+    Raises
+    ------
+    ValueError
+        If the file is not a YAML mapping with model, method and task sections.
+    """
+    path = run_dir / CONFIG
+    if not path.exists():
+        return None
+    try:
+        stored = OmegaConf.to_container(OmegaConf.load(path))
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as error:
+        problem = f"is not a valid config ({str(error).splitlines()[0]})"
+    else:
+        if isinstance(stored, dict) and all(
+            isinstance(stored.get(section), dict) for section in ("model", "method", "task")
+        ):
+            return stored
+        problem = "lacks the model, method and task sections"
+    raise ValueError(
+        f"{path} {problem}, so what the rows beside it were run with is unknown; delete the "
+        f"folder {run_dir} to rerun that cell."
+    )
 
 
 class ExampleLog:
@@ -141,14 +197,44 @@ def write_metrics(run_dir: Path, identity: dict[str, Any], rows: list[dict[str, 
     return metrics
 
 
-def load_metrics(results_dir: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(Path(results_dir, RUNS).rglob(METRICS))]
+METRICS_KEYS = (*RUN_KEYS, "scores", "subtasks", "mean_prompt_tokens", "mean_kept_tokens")
 
 
-def score_table(results_dir: str | Path) -> pd.DataFrame:
-    """One row per run and subtask (``subtask = "average"`` holds the task's headline)."""
+def read_metrics(path: Path) -> dict[str, Any] | None:
+    """One ``metrics.json``; a damaged one is reported in one warning line and read as None."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        problem = f"is not valid JSON ({error})"
+    else:
+        missing = [
+            key for key in METRICS_KEYS if not isinstance(metrics, dict) or key not in metrics
+        ]
+        if not missing:
+            return metrics
+        problem = f"lacks {', '.join(missing)}"
+    log.warning(
+        "%s %s; that cell is left out of the tables. Rerun that cell to rewrite it, or delete "
+        "the file.",
+        path,
+        problem,
+    )
+    return None
+
+
+def load_metrics(results_dir: str | Path) -> dict[Path, dict[str, Any]]:
+    """Every readable ``metrics.json`` under ``results_dir/runs`` by path (damaged ones are
+    reported and skipped)."""
+    paths = sorted(Path(results_dir, RUNS).rglob(METRICS))
+    loaded = {path: read_metrics(path) for path in paths}
+    return {path: metrics for path, metrics in loaded.items() if metrics is not None}
+
+
+def score_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
+    """One row per run and subtask (``subtask = "average"`` holds the task's headline), from
+    :func:`load_metrics`."""
     records = []
-    for metrics in load_metrics(results_dir):
+    for metrics in runs.values():
         identity = {k: metrics[k] for k in ("model", "task", "method", "budget", "protocol")}
         identity["kept_fraction"] = metrics["mean_kept_tokens"] / max(
             metrics["mean_prompt_tokens"], 1
@@ -175,12 +261,12 @@ def score_table(results_dir: str | Path) -> pd.DataFrame:
     )
 
 
-def needle_table(results_dir: str | Path) -> pd.DataFrame:
-    """Per-example rows of every needle run: context length, depth and scores."""
+def needle_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
+    """Per-example rows of every needle run (from :func:`load_metrics`): context length, depth
+    and scores."""
     records = []
-    for metrics_path in sorted(Path(results_dir, RUNS).rglob(METRICS)):
-        metrics = json.loads(metrics_path.read_text())
-        if not metrics["task"].startswith("needle"):
+    for metrics_path, metrics in runs.items():
+        if not str(metrics["task"]).startswith("needle"):
             continue
         identity = {k: metrics[k] for k in ("model", "task", "method", "budget", "protocol")}
         for row in finished_rows(metrics_path.parent):
@@ -252,11 +338,12 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     score per task and task family) and ``needle.csv`` under ``results_dir``; return the
     frames."""
     results_dir = Path(results_dir)
-    scores = score_table(results_dir)
+    runs = load_metrics(results_dir)
+    scores = score_table(runs)
     frames = {
         "scores": scores,
         "main_table": main_table(scores),
-        "needle": needle_table(results_dir),
+        "needle": needle_table(runs),
     }
     for name, frame in frames.items():
         write_atomically(results_dir / f"{name}.csv", frame.to_csv(index=False))

@@ -19,6 +19,7 @@ from capkv.tasks.longbench import (
     CustomJsonlTask,
     LongBench,
     PromptFormat,
+    read_jsonl,
     truncate_middle,
 )
 from tests.conftest import train_bpe_tokenizer
@@ -324,12 +325,38 @@ def test_custom_template_needs_one_context(tmp_path: Path) -> None:
         CustomJsonlTask(str(path), "qa_f1_score", "Q: {input}", 8)
 
 
-def test_custom_missing_file_and_fields(tokenizer: Any, tmp_path: Path) -> None:
+def test_custom_missing_file_and_fields(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         CustomJsonlTask(str(tmp_path / "none.jsonl"), "qa_f1_score", "{context}", 8)
     path = write_jsonl(tmp_path / "bad.jsonl", [{"context": "c", "answers": ["a"]}])
-    task = CustomJsonlTask(str(path), "qa_f1_score", "{context}", 8)
-    with pytest.raises(
-        ValueError, match=r"Record 1 of .*bad\.jsonl lacks the field\(s\) \['input'\]"
-    ):
-        next(task.examples(tokenizer, BIG_BUDGET))
+    with pytest.raises(ValueError, match=r"line 1 of .*bad\.jsonl lacks the field 'input'"):
+        CustomJsonlTask(str(path), "qa_f1_score", "{context}", 8)
+
+
+GOOD = {"input": "Who?", "context": "Ann wrote it.", "answers": ["Ann"]}
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        (b'["a", "list"]', "holds a JSON list, not an object"),
+        (b'"text"', "holds a JSON string, not an object"),
+        (b'{"input": "Who?", "context": ', "is not valid JSON"),
+        (b"\xff\xfe{}", "is not UTF-8 text"),
+        (json.dumps({"input": "Who?", "answers": ["Ann"]}).encode(), "lacks the field 'context'"),
+        (json.dumps({**GOOD, "answers": None}).encode(), "field 'answers' holds null"),
+        (json.dumps({**GOOD, "answers": "Ann"}).encode(), "field 'answers' holds \"Ann\""),
+        (json.dumps({**GOOD, "answers": []}).encode(), "field 'answers' is empty"),
+        (json.dumps({**GOOD, "answers": ["Ann", 3]}).encode(), "'answers' must be a list of str"),
+        (json.dumps({**GOOD, "context": 3}).encode(), "field 'context' holds 3, not a string"),
+        (json.dumps({**GOOD, "all_classes": "a"}).encode(), "field 'all_classes' holds \"a\""),
+    ],
+)
+def test_a_bad_record_is_refused_with_file_line_and_field(tmp_path, bad_line, message):
+    path = tmp_path / "data.jsonl"
+    good = json.dumps(GOOD).encode()
+    path.write_bytes(good + b"\n\n" + bad_line + b"\n" + good + b"\n")  # line 3, after a blank
+    with pytest.raises(ValueError, match="line 3 of " + str(path).replace(".", r"\.")) as error:
+        CustomJsonlTask(str(path), "qa_f1_score", "{context}\n{input}", 8)
+    assert message in str(error.value)
+    assert len(list(read_jsonl(path, limit=1))) == 1  # the lines before it are readable

@@ -66,3 +66,43 @@ class Task(Protocol):
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         """Named scores in [0, 1] for one prediction; the first key is the headline score."""
         ...
+
+
+@dataclass
+class CappedTask:
+    """A task limited to its first ``max_examples`` examples per subtask (per task without any).
+
+    ``max_examples`` means the same for every task this way: a needle grid, each RULER subtask,
+    each LongBench dataset, a custom file.
+
+    Attributes
+    ----------
+    task : Task
+        The task to cap.
+    max_examples : int
+        Examples kept per ``metadata["subtask"]``, in the task's order.
+    """
+
+    task: Task
+    max_examples: int
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
+        """The task's examples, at most ``max_examples`` of each subtask."""
+        taken: dict[Any, int] = {}
+        for example in self.task.examples(tokenizer, max_prompt_tokens):
+            subtask = example.metadata.get("subtask")
+            if taken.get(subtask, 0) < self.max_examples:
+                taken[subtask] = taken.get(subtask, 0) + 1
+                yield example
+
+    def score(self, prediction: str, example: Example) -> dict[str, float]:
+        return self.task.score(prediction, example)
+
+
+def capped(task: Task, max_examples: int | None) -> Task:
+    """``task`` limited to ``max_examples`` examples per subtask (itself when None)."""
+    return task if max_examples is None else CappedTask(task, max_examples)

@@ -301,12 +301,11 @@ def build_example(
     input_text = record["input"] or ""
     context = truncate_middle(tokenizer, fmt, record["context"], input_text, max_prompt_tokens)
     context_part, question_part = fmt.parts(context, input_text)
-    answers = record["answers"]
     return Example(
         example_id=example_id,
         context=context_part,
         question=question_part,
-        answers=[answers] if isinstance(answers, str) else list(answers),
+        answers=list(record["answers"]),
         max_new_tokens=fmt.max_new_tokens,
         use_chat_template=fmt.use_chat_template,
         metadata={
@@ -317,8 +316,69 @@ def build_example(
     )
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type."""
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "list"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def check_record(record: Any, where: str) -> dict[str, Any]:
+    """``record`` as a record of the LongBench schema, or a ValueError naming ``where`` and the
+    field at fault.
+
+    Parameters
+    ----------
+    record : Any
+        One decoded record.
+    where : str
+        Where it comes from, e.g. ``"line 3 of data/qasper.jsonl"``.
+
+    Returns
+    -------
+    dict
+        The record itself.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"{where} holds a JSON {json_type(record)}, not an object; every line must be an "
+            f"object with the fields {list(_REQUIRED_FIELDS)}."
+        )
+    for name in _REQUIRED_FIELDS:
+        if name not in record:
+            raise ValueError(
+                f"{where} lacks the field {name!r}; every line needs {list(_REQUIRED_FIELDS)}."
+            )
+    expected = {
+        "input": (str, type(None)),
+        "context": (str,),
+        "answers": (list,),
+        "all_classes": (list, type(None)),
+        "_id": (str, int),
+    }
+    for name, types in expected.items():
+        value = record.get(name)
+        if name not in record or isinstance(value, types) and not isinstance(value, bool):
+            continue
+        wanted = " or ".join(
+            {str: "a string", list: "a list of strings", int: "a number", type(None): "null"}[t]
+            for t in types
+        )
+        raise ValueError(
+            f"{where}: field {name!r} holds {json.dumps(value)[:40]}, not {wanted}; fix that line."
+        )
+    if not record["answers"]:
+        raise ValueError(f"{where}: field 'answers' is empty; give at least one reference answer.")
+    for name in ("answers", "all_classes"):
+        if any(not isinstance(item, str) for item in record.get(name) or []):
+            raise ValueError(
+                f"{where}: field {name!r} must be a list of strings, got "
+                f"{json.dumps(record[name])[:60]}; fix that line."
+            )
+    return record
+
+
 def read_jsonl(path: Path, limit: int | None = None) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file in the LongBench schema, checked for the required fields.
+    """Records of a JSONL file in the LongBench schema, each checked by :func:`check_record`.
 
     Parameters
     ----------
@@ -335,19 +395,30 @@ def read_jsonl(path: Path, limit: int | None = None) -> Iterator[dict[str, Any]]
     Raises
     ------
     ValueError
-        If a record lacks ``input``, ``context`` or ``answers``.
+        Naming the file, the line number and the field, if a line is not a JSON object, lacks
+        ``input``, ``context`` or ``answers``, or holds a field of the wrong type.
     """
-    with path.open(encoding="utf-8") as handle:
-        lines = (line for line in handle if line.strip())
-        for number, line in enumerate(islice(lines, limit), start=1):
-            record = json.loads(line)
-            missing = [name for name in _REQUIRED_FIELDS if name not in record]
-            if missing:
+    with path.open("rb") as handle:
+        lines = ((number, line) for number, line in enumerate(handle, start=1) if line.strip())
+        for number, line in islice(lines, limit):
+            where = f"line {number} of {path}"
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ValueError(f"{where} is not UTF-8 text; save the file as UTF-8.") from None
+            except json.JSONDecodeError as error:
                 raise ValueError(
-                    f"Record {number} of {path} lacks the field(s) {missing}; every line needs "
-                    f"{list(_REQUIRED_FIELDS)}."
-                )
-            yield record
+                    f"{where} is not valid JSON ({error.msg} at column {error.colno}); fix or "
+                    "delete that line."
+                ) from None
+            yield check_record(record, where)
+
+
+def check_jsonl(path: Path, limit: int | None = None) -> None:
+    """Read every record :func:`read_jsonl` would yield, so a bad line is refused before any
+    model loads."""
+    for _ in read_jsonl(path, limit):
+        pass
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -379,7 +450,10 @@ def _load_hub(name: str, limit: int | None) -> Iterable[dict[str, Any]]:
             "the official JSONL files (data.zip) and pass task.data_dir=<folder of official "
             "JSONL files>."
         ) from err
-    return islice(data, limit)
+    return (
+        check_record(dict(r), f"{HUB_DATASET} '{name}' record {i}")
+        for i, r in enumerate(islice(data, limit))
+    )
 
 
 def _check_limit(max_examples: int | None) -> None:
@@ -439,6 +513,7 @@ class LongBench:
                     f"{name}.jsonl was not found in data_dir {str(folder.resolve())!r}; put the "
                     "official LongBench JSONL files there or drop the dataset from task.datasets."
                 )
+            check_jsonl(folder / f"{name}.jsonl", self.max_examples)
 
     def _records(self, name: str) -> Iterable[dict[str, Any]]:
         if self.data_dir is None:
@@ -536,6 +611,12 @@ class CustomJsonlTask:
                 "a JSONL file with input, context and answers fields."
             )
         _check_limit(self.max_examples)
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens must be a positive number of tokens, got {self.max_new_tokens}; "
+                "pass e.g. task.max_new_tokens=64."
+            )
+        check_jsonl(Path(self.path), self.max_examples)
         self._format = PromptFormat(self.template, self.max_new_tokens, self.use_chat_template)
 
     def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:

@@ -201,6 +201,11 @@ class NeedleTask:
             raise ValueError(f"depths must be percentages in [0, 100], got {self.depths}")
         if self.max_new_tokens is None:
             self.max_new_tokens = _DEFAULT_MAX_NEW_TOKENS[self.needle_kind]
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"max_new_tokens must be a positive number of tokens, got {self.max_new_tokens}; "
+                "pass task.max_new_tokens=16, or null for the needle kind's default."
+            )
 
     def texts(self, context_length: int, depth: float) -> dict[str, str]:
         """Intro, needle, question, answer and answer prefix of one cell, key and value filled in."""

@@ -1,0 +1,309 @@
+"""Check a composed config before any work: every value a user can pass, one sentence per fault.
+
+:func:`check_config` runs when a run is planned, before a model loads or a row is written. It
+checks the top-level keys (types, integers where a count is meant, non-empty lists where a list is
+meant, a results folder that can be written), every key of the model, task and method configs
+against the fields of the dataclass their ``_target_`` builds (unknown keys, wrong types, empty
+lists), and that the model's device exists on this machine. Ranges that only a class knows
+(a method's window against a budget, a task's depths) stay in that class's ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_class, instantiate, to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from capkv.runner import check_protocol
+
+
+def shown(value: Any) -> str:
+    """A value as it is written on the command line (lists as ``[a,b]``)."""
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(shown(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    return str(value) if not isinstance(value, str) else repr(value)
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_count(key: str, value: Any, *, optional: bool = True, example: int = 512) -> None:
+    """``value`` is a positive whole number (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    if not is_integer(value) or value < 1:
+        what = "not positive" if is_integer(value) else "not a whole number"
+        alternative = f", or {key}=null" if optional else ""
+        raise ValueError(
+            f"{key}={shown(value)} is {what}; pass a positive whole number, e.g. {key}={example}"
+            f"{alternative}."
+        )
+
+
+def check_list(key: str, value: Any, example: str) -> list[Any] | None:
+    """``value`` is None or a non-empty list; return it as a plain list."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{key}={shown(value)} is not a list; pass {key}={example}.")
+    if not value:
+        raise ValueError(
+            f"{key}=[] is empty (nothing would run); pass {key}={example}, or leave it out."
+        )
+    return list(value)
+
+
+def check_budgets(cfg: dict[str, Any]) -> None:
+    """``budget``/``ratio``/``default_budget`` and the sweep lists ``budgets``/``ratios``."""
+    if cfg.get("budget") is not None and not is_integer(cfg["budget"]):
+        budget = cfg["budget"]
+        what = (
+            "not a number"
+            if not is_number(budget)
+            else ("written as a decimal" if float(budget).is_integer() else "a fraction")
+        )
+        raise ValueError(
+            f"budget={shown(budget)} is {what}; pass a whole number of tokens kept per KV "
+            "head (budget=512), or ratio=R for the fraction of the prompt removed."
+        )
+    if cfg.get("ratio") is not None and not is_number(cfg["ratio"]):
+        raise ValueError(
+            f"ratio={shown(cfg['ratio'])} is not a number; pass the fraction of the prompt "
+            "removed, e.g. ratio=0.5."
+        )
+    check_count("default_budget", cfg.get("default_budget"), optional=False)
+    for tokens in check_list("budgets", cfg.get("budgets"), "[128,512]") or []:
+        if not is_integer(tokens) or tokens < 1:
+            raise ValueError(
+                f"budgets={shown(cfg['budgets'])} holds {shown(tokens)}, not a positive whole "
+                "number of tokens; pass e.g. budgets=[128,512], or ratios=[0.5] for fractions."
+            )
+    for ratio in check_list("ratios", cfg.get("ratios"), "[0.5,0.75]") or []:
+        if not is_number(ratio):
+            raise ValueError(
+                f"ratios={shown(cfg['ratios'])} holds {shown(ratio)}, not a number; pass "
+                "fractions of the prompt removed, e.g. ratios=[0.5,0.75]."
+            )
+
+
+def check_results_dir(value: Any) -> None:
+    """``results_dir`` is a folder (or can become one) that this process can write into."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"results_dir={shown(value)} is not a path; pass results_dir=FOLDER.")
+    path = Path(to_absolute_path(value))
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"results_dir={value} is a file, not a folder; pass results_dir=<a folder>, which is "
+            "created if missing."
+        )
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"results_dir={value} lies under {existing}, which is a file; pass "
+            "results_dir=<a folder>."
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"results_dir={value} cannot be written ({existing}: {error.strerror}); pass "
+            "results_dir=<a folder you can write to>."
+        ) from error
+
+
+def check_device(device: Any) -> None:
+    """``model.device`` names a device this machine has."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"model.device={shown(device)} is not a device; pass model.device=cpu, "
+            "model.device=cuda or model.device=cuda:N."
+        ) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"model.device={device} but this machine has no CUDA GPU that torch can use; "
+                "pass model.device=cpu (or install the CUDA build of torch on a GPU machine)."
+            )
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(
+                f"model.device={device} but this machine has {count} CUDA GPU(s), cuda:0 to "
+                f"cuda:{count - 1}; pass one of those."
+            )
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(
+                f"model.device={device} but Apple's MPS is not available here; pass "
+                "model.device=cpu."
+            )
+    elif parsed.type != "cpu":
+        raise ValueError(
+            f"model.device={device} is not supported; pass model.device=cpu or model.device=cuda."
+        )
+
+
+# ------------------------------------------------------------------ group configs vs dataclasses
+
+
+def type_name(hint: Any) -> str:
+    """How a field's type reads in a message."""
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+    if hint in names:
+        return names[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (list, tuple):
+        return f"a list of {type_name(args[0]).removeprefix('a ')}s" if args else "a list"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) if a is not type(None) else "null" for a in args)
+    return getattr(hint, "__name__", str(hint))
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Whether a config value fits a field's type hint (types the check cannot judge pass)."""
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return is_integer(value)
+    if hint is float:
+        return is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, arm) for arm in args)
+    if origin in (list, tuple):
+        return isinstance(value, list | tuple) and all(matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type) and hint.__module__ == "builtins":
+        return isinstance(value, hint)
+    return True  # a class such as torch.dtype: never given on the command line
+
+
+def check_against_target(prefix: str, node: dict[str, Any]) -> None:
+    """Every key of a ``_target_`` config is a field of that dataclass and has its type.
+
+    Parameters
+    ----------
+    prefix : str
+        How the node is addressed on the command line (``method``, ``task``, ``model``).
+    node : dict
+        The resolved config node, with its ``_target_``.
+    """
+    target = node.get("_target_")
+    try:
+        cls = get_class(target) if isinstance(target, str) else None
+    except Exception:
+        raise ValueError(
+            f"{prefix}._target_={target!r} names no class that can be imported; fix the "
+            f"{prefix} config's _target_."
+        ) from None
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key, value in node.items():
+        if key.startswith("_"):
+            continue
+        if key not in fields:
+            raise ValueError(
+                f"{prefix}.{key} is not a setting of {cls.__name__}; its settings are "
+                f"{', '.join(fields)}. Fix the key's spelling."
+            )
+        hint = hints.get(key, Any)
+        if isinstance(value, list) and not value and typing.get_origin(hint) is not None:
+            raise ValueError(f"{prefix}.{key}=[] is empty; give at least one value.")
+        if not matches(value, hint):
+            default = fields[key].default
+            example = (
+                f", e.g. {prefix}.{key}={shown(default)}"
+                if default is not dataclasses.MISSING and default is not None
+                else ""
+            )
+            raise ValueError(
+                f"{prefix}.{key}={shown(value)} is not {type_name(hint)}; pass "
+                f"{type_name(hint)}{example}."
+            )
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Mandatory values (``???``) that were not given, e.g. ``task.path`` of ``task=custom``."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        raise ValueError(f"{key} has no value; pass {key}=<value> on the command line.")
+
+
+def method_nodes(plain: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The chosen method's config; in sweep mode, ``methods`` must be a non-empty list of names
+    (unknown names are refused when the cells are planned)."""
+    names = check_list("methods", plain.get("methods"), "[capkv,snapkv]") or []
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(
+                f"methods={shown(names)} holds {shown(name)}, not a method name; pass e.g. "
+                "methods=[capkv,snapkv]."
+            )
+    return [("method", plain["method"])]
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse a composed run config with one sentence, before any model loads or row is written.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        The config Hydra composed for the run (``conf/config.yaml`` with overrides).
+
+    Raises
+    ------
+    ValueError
+        Naming the key, the value and what to pass instead.
+    """
+    check_missing(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    check_budgets(plain)
+    check_count("max_examples", plain.get("max_examples"), example=5)
+    if not isinstance(plain.get("diagnostics"), bool):
+        raise ValueError(
+            f"diagnostics={shown(plain.get('diagnostics'))} is not true or false; pass "
+            "diagnostics=true or diagnostics=false."
+        )
+    if not isinstance(plain.get("protocol"), str):
+        raise ValueError(f"protocol={shown(plain.get('protocol'))} is not a protocol name.")
+    check_protocol(plain["protocol"])
+    variant = plain.get("variant")
+    if not isinstance(variant, str | int) or isinstance(variant, bool) or "/" in str(variant):
+        raise ValueError(
+            f"variant={shown(variant)} cannot name a folder; pass a short name, e.g. variant=tau3."
+        )
+    for prefix, node in [("model", plain["model"]), ("task", plain["task"])]:
+        check_against_target(prefix, node)
+    for prefix, node in method_nodes(plain):
+        check_against_target(prefix, node)
+    instantiate(cfg.model)  # the model config's own checks (dtype, attention implementation)
+    check_device(plain["model"].get("device", "cpu"))
+    check_results_dir(plain.get("results_dir"))

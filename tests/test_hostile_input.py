@@ -1,0 +1,349 @@
+"""Hostile input: every bad input refused in one line before any work, damaged state named,
+interrupts reported in one line, nothing silently substituted or dropped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from capkv.figures import main as figures_main
+from capkv.models import build_tiny_model
+from capkv.results import (
+    CONFIG,
+    EXAMPLES,
+    METRICS,
+    RUN_KEYS,
+    aggregate,
+    finished_rows,
+    run_directory,
+    write_atomically,
+)
+from capkv.runner import run_cell
+from capkv.tasks.base import capped
+from capkv.tasks.needle import NeedleTask
+from capkv.tasks.ruler import RulerSuite
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model=tiny-random", "task.context_lengths=[200,400]", "task.depths=[0,100]"]
+NEEDLE_CELL = ("tiny-random", "needle", "capkv", "budget64", "query_aware")
+GOOD_RECORD = {"input": "Who?", "context": "Ann wrote it.", "answers": ["Ann"]}
+
+# (name, overrides, what the one error line must say). A ``{tmp}`` in an override is the case's
+# own folder; files named ``*.jsonl`` there are written from BAD_FILES first.
+BAD_INPUTS = [
+    ("budget not a number", ["budget=abc"], "budget='abc' is not a number"),
+    ("fractional budget", ["budget=1.5"], "budget=1.5 is a fraction"),
+    ("ratio not a number", ["ratio=abc"], "ratio='abc' is not a number"),
+    ("empty budgets", ["budgets=[]"], "budgets=[] is empty"),
+    ("empty ratios", ["ratios=[]"], "ratios=[] is empty"),
+    ("empty methods", ["methods=[]"], "methods=[] is empty"),
+    ("methods not a list", ["methods=capkv"], "is not a list"),
+    ("budgets holding text", ["budgets=[64,abc]"], "holds 'abc'"),
+    ("empty context lengths", ["task.context_lengths=[]"], "task.context_lengths=[] is empty"),
+    ("empty depths", ["task.depths=[]"], "task.depths=[] is empty"),
+    ("max_examples zero", ["max_examples=0"], "max_examples=0 is not positive"),
+    ("max_examples fraction", ["max_examples=2.5"], "max_examples=2.5 is not a whole number"),
+    ("diagnostics not boolean", ["diagnostics=maybe"], "diagnostics='maybe'"),
+    ("variant with a slash", ["variant=a/b"], "variant='a/b'"),
+    ("misspelt key", ["buget=5"], "unknown config key 'buget'; did you mean budget?"),
+    ("hyperparameter not a number", ["method.tau=abc"], "method.tau='abc' is not a number"),
+    ("unknown hyperparameter", ["+method.foo=3"], "method.foo is not a setting of CapKV"),
+    ("unreadable override", ["budget=[1,"], "could not read the command line"),
+    ("device missing here", ["model.device=cuda:99"], "model.device=cuda:99"),
+    ("device unknown", ["model.device=banana"], "model.device='banana' is not a device"),
+    ("custom without a path", ["task=custom"], "task.path has no value"),
+    ("results_dir a file", ["results_dir={tmp}/file"], "is a file, not a folder"),
+    ("results_dir under a file", ["results_dir={tmp}/file/results"], "which is a file"),
+    ("results_dir unwritable", ["results_dir={unwritable}/results"], "cannot be written"),
+    (
+        "JSONL line not an object",
+        ["task=custom", "task.path={tmp}/list.jsonl"],
+        "line 2 of {tmp}/list.jsonl holds a JSON list, not an object",
+    ),
+    (
+        "JSONL line not JSON",
+        ["task=custom", "task.path={tmp}/broken.jsonl"],
+        "line 2 of {tmp}/broken.jsonl is not valid JSON",
+    ),
+    (
+        "JSONL record lacking a field",
+        ["task=custom", "task.path={tmp}/lacking.jsonl"],
+        "line 2 of {tmp}/lacking.jsonl lacks the field 'context'",
+    ),
+    (
+        "JSONL null answers",
+        ["task=custom", "task.path={tmp}/null.jsonl"],
+        "line 2 of {tmp}/null.jsonl: field 'answers' holds null",
+    ),
+    (
+        "JSONL answers a string",
+        ["task=custom", "task.path={tmp}/string.jsonl"],
+        "line 2 of {tmp}/string.jsonl: field 'answers' holds \"Ann\"",
+    ),
+    ("damaged config.yaml", ["method=capkv", "budget=64"], "config.yaml is not a valid config"),
+]
+BAD_FILES = {
+    "list.jsonl": [GOOD_RECORD, ["not", "an", "object"]],
+    "broken.jsonl": [GOOD_RECORD, '{"input": "Who?", "context": '],
+    "lacking.jsonl": [GOOD_RECORD, {"input": "Who?", "answers": ["Ann"]}],
+    "null.jsonl": [GOOD_RECORD, {**GOOD_RECORD, "answers": None}],
+    "string.jsonl": [GOOD_RECORD, {**GOOD_RECORD, "answers": "Ann"}],
+}
+
+# Runs run.py's __main__ block once per case inside one interpreter (the imports take seconds);
+# prints one JSON line per case: its exit status and everything it wrote to stderr.
+DRIVER = """
+import contextlib, io, json, runpy, sys
+root, cases = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, root)
+for overrides in cases:
+    sys.argv = [sys.argv[0], *overrides]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(root + "/run.py", run_name="__main__")
+            status = 0
+        except SystemExit as stop:
+            status = stop.code if isinstance(stop.code, int) else 1
+    print(json.dumps({"status": status, "stderr": stderr.getvalue()}), flush=True)
+"""
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write into (root writes anywhere but into /proc)."""
+    if os.geteuid() == 0:
+        return Path("/proc")
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def prepare_case(folder: Path, overrides: list[str], unwritable: Path) -> list[str]:
+    folder.mkdir()
+    (folder / "file").write_text("not a folder\n")
+    for name, lines in BAD_FILES.items():
+        text = "".join(
+            (line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines
+        )
+        (folder / name).write_text(text)
+    filled = [o.format(tmp=folder, unwritable=unwritable) for o in overrides]
+    if not any(o.startswith("results_dir=") for o in filled):
+        filled.append(f"results_dir={folder / 'results'}")
+    return [*(TINY if "task=custom" not in overrides else TINY[:1]), *filled]
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, Path]]:
+    """Every BAD_INPUTS case run through run.py: name -> (status and stderr, case folder)."""
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    unwritable = unwritable_folder(tmp)
+    folders = {name: tmp / f"case{i}" for i, (name, _, _) in enumerate(BAD_INPUTS)}
+    argvs = [
+        prepare_case(folders[name], overrides, unwritable) for name, overrides, _ in BAD_INPUTS
+    ]
+    damaged = run_directory(folders["damaged config.yaml"] / "results", *NEEDLE_CELL)
+    damaged.mkdir(parents=True)
+    (damaged / CONFIG).write_text("model: [unclosed\n")
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(ROOT), json.dumps(argvs)],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    outcomes = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(outcomes) == len(BAD_INPUTS), result.stderr[-3000:]
+    return {name: (outcomes[i], folders[name]) for i, (name, _, _) in enumerate(BAD_INPUTS)}
+
+
+@pytest.mark.parametrize(("name", "message"), [(n, m) for n, _, m in BAD_INPUTS])
+def test_each_bad_input_is_refused_in_one_line_before_any_work(refusals, name, message):
+    outcome, folder = refusals[name]
+    lines = outcome["stderr"].strip().splitlines()
+    assert outcome["status"] == 1
+    assert len(lines) == 1, outcome["stderr"]
+    assert lines[0].startswith("error: ")
+    assert message.format(tmp=folder) in lines[0]
+    assert "Traceback" not in outcome["stderr"]
+    if name == "damaged config.yaml":  # the folder was there before: no row added
+        cell = run_directory(folder / "results", *NEEDLE_CELL)
+        assert sorted(p.name for p in cell.iterdir()) == [CONFIG]
+    else:
+        assert not (folder / "results").exists()
+
+
+def run(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "run.py"), *overrides, "results_dir=results"]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def test_a_hydra_error_is_one_line_from_a_fresh_process(tmp_path):
+    result = run(tmp_path, "model=tiny-random", "method=snapkv", "method.window=abc")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: method.window='abc' is not a whole number; pass a whole number, e.g. "
+        "method.window=32."
+    ]
+    assert not (tmp_path / "results").exists()
+
+
+# ----------------------------------------------------------------------------- state files
+
+
+def test_resume_keeps_every_valid_row_around_a_damaged_line(tmp_path, caplog):
+    rows = [{"example_id": f"ex{i}", "scores": {"exact": 1.0}} for i in range(4)]
+    lines = [json.dumps(row) for row in rows]
+    lines.insert(2, '{"example_id": "ex9", "scor')  # damaged, mid-file
+    lines.insert(4, "[1, 2]")  # JSON, but not a row
+    (tmp_path / EXAMPLES).write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        assert finished_rows(tmp_path) == rows
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert f"{tmp_path / EXAMPLES}, line 3," in warnings[0]
+    assert f"{tmp_path / EXAMPLES}, line 5," in warnings[1]
+
+
+def test_a_run_recomputes_only_the_damaged_line(tmp_path, monkeypatch):
+    from baselines import SnapKV
+    from capkv import Budget, runner
+
+    model, tokenizer = build_tiny_model()
+    task = NeedleTask(context_lengths=[200], depths=[0, 50, 100])
+    identity = dict(zip(RUN_KEYS, NEEDLE_CELL, strict=True))
+    args = (model, tokenizer, task, SnapKV(window=8), Budget(tokens=64), "query_aware")
+    run_cell(*args, tmp_path, identity)
+    reference = finished_rows(tmp_path)
+    lines = (tmp_path / EXAMPLES).read_text().splitlines()
+    lines[1] = lines[1][:30]  # the middle row is damaged
+    (tmp_path / EXAMPLES).write_text("\n".join(lines) + "\n")
+    calls = []
+    original = runner.generate_one
+    monkeypatch.setattr(runner, "generate_one", lambda *a: calls.append(1) or original(*a))
+    run_cell(*args, tmp_path, identity)
+    assert len(calls) == 1
+    resumed = finished_rows(tmp_path)
+    assert [r["example_id"] for r in resumed] == [reference[i]["example_id"] for i in (0, 2, 1)]
+    assert resumed[:2] == [reference[0], reference[2]]
+    assert len((tmp_path / EXAMPLES).read_text().splitlines()) == 3
+
+
+def write_metrics_file(results_dir: Path, method: str, text: str) -> Path:
+    cell = run_directory(results_dir, "tiny-random", "needle", method, "budget64", "query_aware")
+    cell.mkdir(parents=True)
+    (cell / METRICS).write_text(text)
+    return cell / METRICS
+
+
+@pytest.mark.parametrize("damage", ["", "{not json", '{"model": "tiny-random"}', "[]"])
+def test_aggregation_skips_a_damaged_cell_with_one_warning(tmp_path, caplog, damage):
+    good = {
+        "model": "tiny-random",
+        "task": "needle",
+        "method": "capkv",
+        "budget": "budget64",
+        "protocol": "query_aware",
+        "n_examples": 1,
+        "scores": {"exact": 100.0},
+        "subtasks": {},
+        "mean_prompt_tokens": 100.0,
+        "mean_kept_tokens": 64.0,
+    }
+    write_metrics_file(tmp_path, "capkv", json.dumps(good))
+    bad = write_metrics_file(tmp_path, "snapkv", damage)
+    with caplog.at_level(logging.WARNING):
+        frames = aggregate(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(bad) in warnings[0] and "Rerun that cell" in warnings[0]
+    assert set(frames["scores"]["method"]) == {"capkv"}
+    assert (tmp_path / "main_table.md").read_text().count("capkv") == 1
+
+
+def test_figures_over_a_damaged_table_say_which_file(tmp_path, capsys):
+    (tmp_path / "scores.csv").write_text('model,task\n"unclosed,x\n')
+    with pytest.raises(SystemExit) as stop:
+        figures_main(["--results", str(tmp_path), "--plots", str(tmp_path / "plots")])
+    assert stop.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path / 'scores.csv'} ") and "delete it" in line
+
+
+def test_a_damaged_cell_does_not_fail_another_run_and_max_examples_caps(tmp_path):
+    bad = write_metrics_file(tmp_path / "results", "snapkv", "{not json")
+    result = run(tmp_path, *TINY, "method=capkv", "budget=64", "max_examples=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = (result.stdout + result.stderr).splitlines()
+    warnings = [line for line in output if "WARNING" in line]
+    assert len(warnings) == 1 and str(bad) in warnings[0], output
+    assert len(finished_rows(run_directory(tmp_path / "results", *NEEDLE_CELL))) == 1
+    assert "capkv" in (tmp_path / "results" / "main_table.md").read_text()
+
+
+# ----------------------------------------------------------------------------- caps
+
+
+def test_max_examples_caps_every_subtask(essay_tokenizer):
+    needle = NeedleTask(context_lengths=[200, 400], depths=[0, 50, 100])
+    assert len(list(capped(needle, 2).examples(essay_tokenizer, 10_000))) == 2
+    assert len(list(capped(needle, None).examples(essay_tokenizer, 10_000))) == 6
+    ruler = RulerSuite(subtasks=["niah_single", "vt"], context_lengths=[1024], num_examples=3)
+    examples = list(capped(ruler, 2).examples(essay_tokenizer, 10_000))
+    assert [e.metadata["subtask"] for e in examples] == ["niah_single"] * 2 + ["vt"] * 2
+
+
+# ----------------------------------------------------------------------------- files and signals
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        write_atomically(tmp_path / "table.csv", "a,b\n")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "table.csv").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "said"),
+    [(signal.SIGINT, 130, "interrupted by Ctrl-C"), (signal.SIGTERM, 143, "stopped by SIGTERM")],
+)
+def test_an_interrupt_says_what_was_saved_in_one_line_and_resumes(tmp_path, signum, status, said):
+    overrides = [
+        "model=tiny-random",
+        "task.context_lengths=[300,400,500,600]",
+        "task.depths=[0,10,20,30,40,50,60,70,80,90,100]",
+        "method=capkv",
+        "budget=64",
+    ]
+    command = [sys.executable, str(ROOT / "run.py"), *overrides, "results_dir=results"]
+    cell = run_directory(tmp_path / "results", *NEEDLE_CELL)
+    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(finished_rows(cell)) < 1 and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == status, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(said) and "run the same command again to resume" in last
+    kept = finished_rows(cell)
+    assert 1 <= len(kept) < 44
+    assert json.loads((cell / METRICS).read_text())["n_examples"] == len(kept)
+
+    resumed = run(tmp_path, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = finished_rows(cell)
+    assert len(rows) == 44 and rows[: len(kept)] == kept
