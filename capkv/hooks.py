@@ -7,7 +7,8 @@ Tested on transformers 4.56 to 5.24. What differs between them, and is handled o
   ``past_key_values``, and receive ``cache`` from the releases that renamed it (5.24 does; the
   model's own ``forward`` takes ``cache`` and warns that ``past_key_values`` goes in 5.40);
 - ``Cache.crop``: 5.2 takes the length to keep (or a negative number of tokens to drop), 5.24
-  only the negative number.
+  only the negative number;
+- the RoPE base: ``config.rope_theta`` in 4.x, ``config.rope_parameters["rope_theta"]`` in 5.x.
 
 Nothing outside this module looks up a cache or a rotary table in a hook's arguments or passes a
 cache to a model by name, so a release that renames an argument is fixed in one place. A lookup
@@ -41,7 +42,7 @@ class TransformersMismatch(ValueError):
 
 def library_versions() -> dict[str, str]:
     """The transformers and torch versions in use, for a run's metadata."""
-    return {"transformers": transformers.__version__, "torch": torch.__version__}
+    return {"transformers": str(transformers.__version__), "torch": str(torch.__version__)}
 
 
 def mismatch(problem: str, remedy: str = "") -> TransformersMismatch:
@@ -95,6 +96,12 @@ def layer_cache(module: nn.Module, kwargs: dict) -> Cache:
         "run the model with a DynamicCache and use_cache left on; if you did, install a tested "
         "transformers release, or teach capkv/hooks.py this release's argument names",
     )
+
+
+def rope_theta(config: transformers.PretrainedConfig) -> float:
+    """The RoPE base frequency of a model config."""
+    parameters = getattr(config, "rope_parameters", None)
+    return parameters["rope_theta"] if parameters is not None else config.rope_theta
 
 
 def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -12,25 +12,23 @@ is within ``TIE_TOLERANCE`` (relative) of the boundary score; in these runs none
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-if importlib.util.find_spec("kvpress") is None:
-    # CI's oracle environment sets CAPKV_REQUIRE_KVPRESS=1: there a missing kvpress fails.
+try:
+    import kvpress
+except ImportError as error:
     reason = (
-        "kvpress is not installed (kvpress 0.5.5 needs transformers<5.3): make test runs these "
-        "tests in .venv-oracle, or pip install -e '.[oracle]' in an environment with "
-        "transformers 4.56-5.2"
+        f"kvpress cannot be imported ({error}); kvpress 0.5.5 needs transformers 4.56-5.2: "
+        "make test runs these tests in .venv-oracle, or pip install -e '.[oracle]' into an "
+        "environment with such a transformers"
     )
-    if os.environ.get("CAPKV_REQUIRE_KVPRESS") == "1":
-        raise ImportError(f"CAPKV_REQUIRE_KVPRESS=1 but {reason}")
+    if os.environ.get("CAPKV_REQUIRE_KVPRESS") == "1":  # set by make test: fail, never skip
+        raise ImportError(f"CAPKV_REQUIRE_KVPRESS=1 but {reason}") from error
     pytest.skip(reason, allow_module_level=True)
-
-import kvpress  # noqa: E402
 
 from baselines import PyramidKV, SnapKV, StreamingLLM, pyramid_schedule  # noqa: E402
 from capkv import CapKV, evict  # noqa: E402
