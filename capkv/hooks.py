@@ -3,9 +3,9 @@ differs between transformers releases.
 
 Tested on transformers 4.56 to 5.24. What differs between them, and is handled only here:
 
-- the cache argument: the attention layers received ``past_key_value`` (older 4.x releases) or
-  ``past_key_values``, and receive ``cache`` from the releases that renamed it (5.24 does; the
-  model's own ``forward`` takes ``cache`` and warns that ``past_key_values`` goes in 5.40);
+- the cache argument: the attention and decoder layers and the model's ``forward`` take
+  ``past_key_values`` in 4.56 to 5.2 (4.56 still maps an old ``past_key_value``) and ``cache`` in
+  5.24, which warns that ``past_key_values`` goes in 5.40;
 - ``Cache.crop``: 5.2 takes the length to keep (or a negative number of tokens to drop), 5.24
   only the negative number;
 - the RoPE base: ``config.rope_theta`` in 4.x, ``config.rope_parameters["rope_theta"]`` in 5.x.
