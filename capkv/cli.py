@@ -16,6 +16,7 @@ from transformers.utils import logging as transformers_logging
 
 from capkv.budget import Budget
 from capkv.engine import resolve_budget
+from capkv.hooks import library_versions
 from capkv.method import EvictionMethod
 from capkv.results import (
     CONFIG,
@@ -178,6 +179,7 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
                 "method": OmegaConf.to_container(method_cfg, resolve=True),
                 "budget": budget.tokens if budget is not None else None,
                 "ratio": budget.ratio if budget is not None else None,
+                "versions": library_versions(),
             }
             run_dir = run_directory(results_dir, **identity)
             check_same_config(run_dir, resolved)

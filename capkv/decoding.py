@@ -16,14 +16,13 @@ import torch
 from torch import nn
 from transformers import Cache, PreTrainedModel
 
-
-def attention_layers(model: PreTrainedModel) -> list[nn.Module]:
-    """The self-attention modules of a Llama-family decoder, in layer order."""
-    return [layer.self_attn for layer in model.model.layers]
-
-
-def _cache_of(kwargs: dict) -> Cache | None:
-    return kwargs.get("past_key_values", kwargs.get("past_key_value"))
+from capkv.hooks import (
+    attention_layers,
+    forward_hooks,
+    hidden_states_of,
+    layer_cache,
+    run_with_cache,
+)
 
 
 def layer_causal_mask(
@@ -48,13 +47,10 @@ def layer_causal_mask(
 
 
 def _mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    cache = _cache_of(kwargs)
-    if cache is None:
-        return args, kwargs
-    cached_length = cache.get_seq_length(module.layer_idx)
+    cached_length = layer_cache(module, kwargs).get_seq_length(module.layer_idx)
     if cached_length == 0:
         return args, kwargs
-    hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+    hidden_states = hidden_states_of(args, kwargs)
     kwargs["attention_mask"] = layer_causal_mask(
         cached_length,
         hidden_states.shape[1],
@@ -68,15 +64,8 @@ def _mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
 @contextmanager
 def per_layer_masks(model: PreTrainedModel) -> Iterator[None]:
     """While active, every attention layer masks against its own cache length."""
-    handles = [
-        module.register_forward_pre_hook(_mask_pre_hook, with_kwargs=True)
-        for module in attention_layers(model)
-    ]
-    try:
+    with forward_hooks(attention_layers(model), pre=_mask_pre_hook):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.inference_mode()
@@ -125,9 +114,10 @@ def greedy_generate(
             if input_ids is not None:
                 n_new = input_ids.shape[1]
                 positions = torch.arange(position, position + n_new, device=device).unsqueeze(0)
-                next_token_logits = model(
-                    input_ids=input_ids.to(device),
-                    past_key_values=cache,
+                next_token_logits = run_with_cache(
+                    model,
+                    input_ids.to(device),
+                    cache,
                     position_ids=positions,
                     use_cache=True,
                     logits_to_keep=1,

@@ -22,8 +22,15 @@ from transformers import Cache, PreTrainedModel
 
 from capkv.cap import CapKV
 from capkv.capacity import log_det_capacity
-from capkv.decoding import attention_layers
 from capkv.engine import CompressionRecord, gather_tokens
+from capkv.hooks import (
+    attention_layers,
+    crop_cache,
+    forward_hooks,
+    hidden_states_of,
+    position_embeddings,
+    run_with_cache,
+)
 from capkv.layer import LayerPrefill, apply_rope, project_queries
 
 
@@ -63,23 +70,22 @@ def decoding_queries(
     prompt_length = full_cache.get_seq_length()
 
     def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        projected = project_queries(module, kwargs["hidden_states"])
-        cos, sin = kwargs["position_embeddings"]
+        projected = project_queries(module, hidden_states_of(args, kwargs))
+        cos, sin = position_embeddings(module, kwargs)
         queries[module.layer_idx] = apply_rope(projected, cos, sin)
 
-    handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in layers]
+    positions = torch.arange(start_position, start_position + input_ids.shape[1])
     try:
-        positions = torch.arange(start_position, start_position + input_ids.shape[1])
-        model(
-            input_ids=input_ids.to(model.device),
-            past_key_values=full_cache,
-            position_ids=positions.unsqueeze(0).to(model.device),
-            logits_to_keep=1,
-        )
+        with forward_hooks(layers, pre=capture):
+            run_with_cache(
+                model,
+                input_ids.to(model.device),
+                full_cache,
+                position_ids=positions.unsqueeze(0).to(model.device),
+                logits_to_keep=1,
+            )
     finally:
-        for handle in handles:
-            handle.remove()
-        full_cache.crop(prompt_length)
+        crop_cache(full_cache, prompt_length)
     return queries
 
 

@@ -17,7 +17,17 @@ from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
 
 from capkv.budget import Budget
-from capkv.decoding import attention_layers, per_layer_masks
+from capkv.decoding import per_layer_masks
+from capkv.hooks import (
+    attention_layers,
+    decoder,
+    forward_hooks,
+    hidden_states_of,
+    layer_cache,
+    mismatch,
+    position_embeddings,
+    rotary_embedding,
+)
 from capkv.layer import LayerPrefill
 from capkv.method import EvictionMethod
 from capkv.models import check_supported
@@ -50,18 +60,15 @@ class CompressionRecord:
 
 
 def prefill_state(
-    module: nn.Module, kwargs: dict, rotary_emb: nn.Module, num_layers: int
+    module: nn.Module, args: tuple, kwargs: dict, rotary_emb: nn.Module, num_layers: int
 ) -> LayerPrefill | None:
     """The layer's prefill state after its forward, or None if this forward is not a prefill.
 
     A prefill is a forward that filled an empty cache layer (its cache holds exactly the
     tokens of this forward).
     """
-    cache: Cache | None = kwargs.get("past_key_values", kwargs.get("past_key_value"))
-    hidden_states = kwargs["hidden_states"]
-    if cache is None:
-        return None
-    cache_layer = cache.layers[module.layer_idx]
+    hidden_states = hidden_states_of(args, kwargs)
+    cache_layer = layer_cache(module, kwargs).layers[module.layer_idx]
     if cache_layer.get_seq_length() != hidden_states.shape[1]:
         return None
     if hidden_states.shape[0] != 1:
@@ -69,7 +76,7 @@ def prefill_state(
             f"KV eviction supports batch size 1, got a batch of {hidden_states.shape[0]}: "
             "run the prompts one at a time."
         )
-    cos, sin = kwargs["position_embeddings"]
+    cos, sin = position_embeddings(module, kwargs)
     return LayerPrefill(
         module=module,
         rotary_emb=rotary_emb,
@@ -113,24 +120,46 @@ def after_each_prefill(
     ``state`` is the layer's :class:`LayerPrefill` (its full cache, hidden states and rotary
     tables) and ``cache`` the cache it wrote into; forwards that are not prefills (decoding
     steps) are left alone. The callback runs without autograd.
+
+    Never silent: the first forward of the model inside the context must be a prefill in every
+    attention layer, and any later prefill too; otherwise :class:`TransformersMismatch` is
+    raised at the end of that forward, naming the transformers version.
     """
     check_supported(model)
     layers = attention_layers(model)
-    rotary_emb = model.model.rotary_emb
+    rotary_emb = rotary_embedding(model)
+    prefilled: list[int] = []  # attention layers the current forward prefilled
+    forwards = 0
 
-    def after_forward(module: nn.Module, args: tuple, kwargs: dict, output):
-        state = prefill_state(module, kwargs, rotary_emb, len(layers))
+    def start_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        prefilled.clear()
+
+    def after_layer(module: nn.Module, args: tuple, kwargs: dict, output):
+        state = prefill_state(module, args, kwargs, rotary_emb, len(layers))
         if state is not None:
+            prefilled.append(module.layer_idx)
             with torch.no_grad():
-                callback(state, kwargs.get("past_key_values", kwargs.get("past_key_value")))
+                callback(state, layer_cache(module, kwargs))
         return output
 
-    handles = [module.register_forward_hook(after_forward, with_kwargs=True) for module in layers]
-    try:
+    def end_forward(module: nn.Module, args: tuple, kwargs: dict, output):
+        nonlocal forwards
+        forwards += 1
+        if (forwards == 1 or prefilled) and len(prefilled) != len(layers):
+            raise mismatch(
+                f"A prefill inside capkv's eviction hooks found an empty cache to fill in "
+                f"{len(prefilled)} of the model's {len(layers)} attention layers, so the cache "
+                "was not compressed in every layer",
+                "prefill into a new, empty DynamicCache inside the context; if you did, install "
+                "a tested transformers release",
+            )
+        return output
+
+    with (
+        forward_hooks([decoder(model)], pre=start_forward, post=end_forward),
+        forward_hooks(layers, post=after_layer),
+    ):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 from capkv.budget import Budget
 from capkv.decoding import greedy_generate
 from capkv.engine import CompressionRecord, evict
+from capkv.hooks import run_with_cache
 from capkv.method import EvictionMethod
 from capkv.prompting import PromptIds, prompt_overhead, tokenize_prompt
 from capkv.results import ExampleLog, finished_rows, write_metrics
@@ -46,7 +47,7 @@ def prefill_ids(prompt: PromptIds, protocol: str) -> torch.Tensor:
 @torch.inference_mode()
 def prefill(model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Run the prefill into ``cache``; return the logits of its last position."""
-    outputs = model(input_ids=input_ids.to(model.device), past_key_values=cache, logits_to_keep=1)
+    outputs = run_with_cache(model, input_ids.to(model.device), cache, logits_to_keep=1)
     return outputs.logits[0, -1]
 
 

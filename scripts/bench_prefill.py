@@ -49,6 +49,7 @@ def worker(model_name: str, method_name: str, tokens: int, repeats: int, budget:
     """
     import baselines  # noqa: F401  (used by eval of METHODS)
     import capkv
+    from capkv.hooks import run_with_cache
     from capkv.models import load_model
 
     model, _ = load_model(model_name, dtype="float32", attn_implementation="sdpa")
@@ -61,10 +62,10 @@ def worker(model_name: str, method_name: str, tokens: int, repeats: int, budget:
         start = time.perf_counter()
         with torch.inference_mode():
             if not with_method or method is None:
-                model.model(input_ids, past_key_values=cache)
+                run_with_cache(model.model, input_ids, cache)
             else:
                 with capkv.evict(model, method, budget=budget if method.evicts else None):
-                    model.model(input_ids, past_key_values=cache)
+                    run_with_cache(model.model, input_ids, cache)
         return time.perf_counter() - start
 
     loaded_rss = peak_rss_mb()

@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 import baselines
 import capkv
 from capkv.decoding import greedy_generate
+from capkv.hooks import run_with_cache
 from capkv.models import build_tiny_model
 
 METHODS = {
@@ -65,7 +66,7 @@ def synchronize(device: torch.device) -> None:
 
 def kept_sets(model, method, input_ids: torch.Tensor, budget: int) -> dict[int, torch.Tensor]:
     with torch.inference_mode(), capkv.evict(model, method, budget=budget) as record:
-        model.model(input_ids.to(model.device), past_key_values=DynamicCache())
+        run_with_cache(model.model, input_ids.to(model.device), DynamicCache())
     return {layer: kept[0].cpu() for layer, kept in record.kept.items()}
 
 
@@ -112,7 +113,7 @@ def bf16_generation(prompt: int = 300, new_tokens: int = 20) -> list[dict]:
                 capkv.evict(model, method, budget=budget) if method else contextlib.nullcontext()
             )
             with context:
-                logits = model(input_ids, past_key_values=cache, logits_to_keep=1).logits[0, -1]
+                logits = run_with_cache(model, input_ids, cache, logits_to_keep=1).logits[0, -1]
             return greedy_generate(model, cache, prompt, new_tokens, next_token_logits=logits)
 
     reference = generate()
@@ -165,10 +166,10 @@ def prefill_cost(model, tokens: int, budget: int, repeats: int) -> list[dict]:
         start = time.perf_counter()
         with torch.inference_mode(), flash_only(device):
             if method is None:
-                model.model(input_ids, past_key_values=cache)
+                run_with_cache(model.model, input_ids, cache)
             else:
                 with capkv.evict(model, method, budget=budget if method.evicts else None):
-                    model.model(input_ids, past_key_values=cache)
+                    run_with_cache(model.model, input_ids, cache)
         synchronize(device)
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0

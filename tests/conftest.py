@@ -7,8 +7,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
-from capkv.decoding import attention_layers
 from capkv.engine import prefill_state
+from capkv.hooks import attention_layers, forward_hooks, rotary_embedding, run_with_cache
 from capkv.layer import LayerPrefill
 from capkv.models import build_tiny_model
 from capkv.tasks.haystack import essay_files
@@ -38,15 +38,11 @@ def capture_prefill(model, input_ids: torch.Tensor) -> list[LayerPrefill]:
     states: list[LayerPrefill] = []
 
     def keep_state(module, args, kwargs, output):
-        states.append(prefill_state(module, kwargs, model.model.rotary_emb, len(layers)))
+        states.append(prefill_state(module, args, kwargs, rotary_embedding(model), len(layers)))
         return output
 
-    handles = [m.register_forward_hook(keep_state, with_kwargs=True) for m in layers]
-    try:
-        model(input_ids, past_key_values=DynamicCache())
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks(layers, post=keep_state):
+        run_with_cache(model, input_ids, DynamicCache())
     return states
 
 

@@ -9,6 +9,7 @@ from baselines import Full, StreamingLLM
 from capkv import Budget, CapKV
 from capkv.diagnostics import CapacityProbe, attention_errors, decoding_queries
 from capkv.engine import record_kept
+from capkv.hooks import run_with_cache
 from capkv.results import finished_rows
 from capkv.runner import CellLog
 from capkv.sweep import SweepCell, run_sweep
@@ -22,7 +23,7 @@ def probe_and_errors(model, selections, input_ids):
     cache = DynamicCache()
     probe = CapacityProbe(len(selections))
     with torch.no_grad(), record_kept(model, selections, probe.on_layer) as records:
-        logits = model(input_ids, past_key_values=cache).logits[0, -1]
+        logits = run_with_cache(model, input_ids, cache).logits[0, -1]
     queries = decoding_queries(model, cache, logits.argmax().view(1, 1), PROMPT)
     assert cache.get_seq_length() == PROMPT, "the probe leaves the full cache as it was"
     return probe, attention_errors(model, cache, queries, records), queries, cache, records

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from baselines import H2O, Full, PyramidKV, RandomEviction, SnapKV, StreamingLLM, pyramid_schedule
 from capkv import Budget, CapKV, evict, greedy_generate
-from capkv.decoding import attention_layers
+from capkv.hooks import attention_layers, run_with_cache
 from tests.conftest import random_prompt
 
 BUDGET = 64
@@ -28,7 +28,7 @@ METHODS = {
 def prefill(model, method, input_ids, **budget):
     cache = DynamicCache()
     with torch.no_grad(), evict(model, method, **budget) as record:
-        logits = model(input_ids, past_key_values=cache).logits[0, -1]
+        logits = run_with_cache(model, input_ids, cache).logits[0, -1]
     return cache, record, logits
 
 

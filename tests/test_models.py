@@ -11,6 +11,7 @@ import torch
 from transformers import GPT2Config
 
 from capkv import models
+from capkv.hooks import rope_theta
 from capkv.models import (
     SUPPORTED_MODEL_TYPES,
     ModelConfig,
@@ -72,7 +73,7 @@ def test_tiny_llama_config_defaults():
     assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
     assert (config.num_hidden_layers, config.hidden_size, config.head_dim) == (4, 64, 16)
     assert config.max_position_embeddings == 4096
-    assert config.rope_parameters["rope_theta"] == 10000.0
+    assert rope_theta(config) == 10000.0
 
 
 def test_tiny_tokenizer_chat_template_and_round_trip():
@@ -169,7 +170,12 @@ def test_smollm2_converts_once_then_loads_from_cache(monkeypatch, tmp_path):
     prompt = cached_tokenizer.apply_chat_template(
         CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
-    output = cached.generate(**prompt, max_new_tokens=8, do_sample=False)
+    output = cached.generate(
+        input_ids=prompt["input_ids"],
+        attention_mask=prompt["attention_mask"],
+        max_new_tokens=8,
+        do_sample=False,
+    )
     assert "Paris" in cached_tokenizer.decode(output[0, prompt["input_ids"].shape[1] :])
 
 

@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from capkv.cli import CONF_DIR, group_options
 from capkv.method import EvictionMethod
@@ -73,7 +76,8 @@ def test_smoke_run_needle_and_longbench(tmp_path):
     assert all(len(r["kept_tokens_per_layer"]) == 4 for r in rows)
     assert all(max(r["kept_tokens_per_layer"]) == 128 for r in rows)
     assert set(rows[0]["scores"]) == {"exact", "graded"}
-    assert (needle_dir / "config.yaml").exists()
+    stored = OmegaConf.load(needle_dir / "config.yaml")
+    assert stored.versions == {"transformers": transformers.__version__, "torch": torch.__version__}
     metrics = json.loads((needle_dir / METRICS).read_text())
     assert metrics["n_examples"] == 4
 

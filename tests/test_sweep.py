@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from baselines import H2O, Full, PyramidKV, RandomEviction, SnapKV, StreamingLLM
 from capkv import Budget, CapKV, evict
 from capkv.engine import gathered_cache, record_kept
+from capkv.hooks import run_with_cache
 from capkv.results import finished_rows
 from capkv.runner import CellLog, run_cell
 from capkv.sweep import SweepCell, run_sweep
@@ -41,11 +42,11 @@ def test_one_prefill_records_the_indices_each_separate_prefill_keeps(gqa_model):
     cells = cells_of(METHODS)
     full_cache = DynamicCache()
     with torch.no_grad(), record_kept(model, [(m, b) for _, m, b in cells]) as records:
-        model(input_ids, past_key_values=full_cache)
+        run_with_cache(model, input_ids, full_cache)
     for (name, method, budget), record in zip(cells, records, strict=True):
         cache = DynamicCache()
         with torch.no_grad(), evict(model, method, budget=budget) as separate:
-            model(input_ids, past_key_values=cache)
+            run_with_cache(model, input_ids, cache)
         assert separate.kept.keys() == record.kept.keys(), name
         for layer_idx, indices in separate.kept.items():
             assert torch.equal(indices, record.kept[layer_idx]), (name, budget, layer_idx)

@@ -15,6 +15,7 @@ from baselines import H2O, RandomEviction, SnapKV, StreamingLLM
 from capkv import Budget, CapKV
 from capkv.capacity import log_det_capacity
 from capkv.engine import record_kept
+from capkv.hooks import run_with_cache
 from capkv.unification import (
     UnificationProbe,
     check_greedy_cost,
@@ -145,7 +146,7 @@ def test_probe_reports_agreement_and_capacity_against_greedy(gqa_model):
         torch.no_grad(),
         record_kept(model, [(m, Budget(tokens=24)) for m in methods.values()], probe.on_layer),
     ):
-        model(random_prompt(model.config.vocab_size, 80), past_key_values=DynamicCache())
+        run_with_cache(model, random_prompt(model.config.vocab_size, 80), DynamicCache())
     layers = {row["layer"] for row in probe.agreement}
     assert layers == {0, 3}
     capkv_cost = [
