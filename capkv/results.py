@@ -4,19 +4,24 @@ One run = one (model, task, method, budget, protocol) cell, in its own directory
 
     <results>/runs/<model>/<task>/<method>/<budget>/<protocol>/
         examples.jsonl   one row per finished example, appended and flushed as it finishes
-        metrics.json     mean scores (x 100) overall and per subtask, written atomically
-        config.yaml      the resolved config of the run
+                         (shard i of N > 1 appends to examples.shard-i-of-N.jsonl instead)
+        metrics.json     mean scores (x 100) overall and per subtask over the rows of every
+                         rows file, with how many examples the cell holds of how many
+        config.yaml      the resolved config, written before the first row
 
-A rerun skips the examples already in ``examples.jsonl``; a killed run loses at most the
-example in flight. :func:`aggregate` collects every ``metrics.json`` (and the needle rows) into
-``<results>/*.csv`` and ``<results>/*.md``.
+A rerun skips the examples already in any rows file of the cell, whatever shard count wrote
+them; a killed run loses at most the example in flight. :func:`aggregate` collects every
+``metrics.json`` (and the needle rows) into ``<results>/*.csv`` and ``<results>/*.md``
+(``python -m capkv.results [results]``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -24,8 +29,12 @@ from typing import Any
 
 import pandas as pd
 
+from capkv.locking import locked
+
 RUNS = "runs"
 EXAMPLES = "examples.jsonl"
+ROWS_GLOB = "examples*.jsonl"  # examples.jsonl and every examples.shard-i-of-N.jsonl
+TABLES_LOCK = ".tables.lock"
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
 DIAGNOSTICS = ("capacity_fraction", "attention_error")  # see capkv.diagnostics
@@ -67,9 +76,13 @@ def run_directory(
     return Path(results_dir, RUNS, *(part.replace("/", "--") for part in parts))
 
 
-def finished_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """Rows already written; a torn last line (a run killed mid-write) is dropped."""
-    path = run_dir / EXAMPLES
+def rows_files(run_dir: Path) -> list[Path]:
+    """Every rows file of a cell: ``examples.jsonl`` first, then the shards' files."""
+    return sorted(Path(run_dir).glob(ROWS_GLOB))
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of one rows file; a torn last line (a run killed mid-write) is dropped."""
     if not path.exists():
         return []
     rows = []
@@ -82,12 +95,28 @@ def finished_rows(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def finished_rows(run_dir: Path, order: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of a cell from all its rows files, each example once (two runs with different
+    shard counts may both have finished it; their rows are equal but for ``seconds``).
+
+    With ``order`` (example ids, e.g. the task's), rows follow it, so that a cell run as N shards
+    yields its rows in the order of the unsharded run; rows of other ids follow in file order.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for path in rows_files(run_dir):
+        for row in read_rows(path):
+            rows.setdefault(row["example_id"], row)
+    if order is None:
+        return list(rows.values())
+    rank = {example_id: i for i, example_id in enumerate(order)}
+    return sorted(rows.values(), key=lambda row: rank.get(row["example_id"], len(rank)))
+
+
 class ExampleLog:
     """Appends one JSON row per example and flushes it to disk at once."""
 
-    def __init__(self, run_dir: Path, rows: list[dict[str, Any]]) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / EXAMPLES
+    def __init__(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         # Rewrite the valid rows so a torn last line never stays in the file.
         write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
         self._stream = path.open("a")
@@ -121,8 +150,17 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"n_examples": len(rows), "scores": overall, "subtasks": subtasks}
 
 
-def write_metrics(run_dir: Path, identity: dict[str, Any], rows: list[dict[str, Any]]) -> dict:
-    """Write ``metrics.json`` for the rows so far; returns what was written."""
+def write_metrics(
+    run_dir: Path,
+    identity: dict[str, Any],
+    rows: list[dict[str, Any]],
+    n_expected: int | None = None,
+) -> dict:
+    """Write ``metrics.json`` for the rows so far; returns what was written.
+
+    ``n_expected`` is how many examples the whole cell (every shard) runs; a cell holding fewer
+    rows is reported as incomplete by :func:`aggregate`.
+    """
     kept = [sum(r["kept_tokens_per_layer"]) / len(r["kept_tokens_per_layer"]) for r in rows]
     prompt = [r["prompt_tokens"] for r in rows]
     measured = [row["diagnostics"] for row in rows if "diagnostics" in row]
@@ -137,6 +175,8 @@ def write_metrics(run_dir: Path, identity: dict[str, Any], rows: list[dict[str, 
         if measured
         else {},
     }
+    if n_expected is not None:
+        metrics["n_expected"] = n_expected
     write_atomically(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -175,6 +215,13 @@ def score_table(results_dir: str | Path) -> pd.DataFrame:
     )
 
 
+def needle_order(row: dict[str, Any]) -> tuple:
+    """Needle rows by context length, then depth: the same order however many shards wrote
+    them and in whatever order they finished."""
+    meta = row.get("metadata", {})
+    return meta.get("context_length", 0), meta.get("depth", 0), row["example_id"]
+
+
 def needle_table(results_dir: str | Path) -> pd.DataFrame:
     """Per-example rows of every needle run: context length, depth and scores."""
     records = []
@@ -183,7 +230,8 @@ def needle_table(results_dir: str | Path) -> pd.DataFrame:
         if not metrics["task"].startswith("needle"):
             continue
         identity = {k: metrics[k] for k in ("model", "task", "method", "budget", "protocol")}
-        for row in finished_rows(metrics_path.parent):
+        rows = sorted(finished_rows(metrics_path.parent), key=needle_order)
+        for row in rows:
             meta = row.get("metadata", {})
             records.append(
                 {
@@ -247,19 +295,62 @@ def main_table(scores: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def incomplete_cells(results_dir: str | Path) -> list[str]:
+    """One line per cell that holds fewer examples than it runs (a shard missing or
+    unfinished)."""
+    lines = []
+    for path in sorted(Path(results_dir, RUNS).rglob(METRICS)):
+        metrics = json.loads(path.read_text())
+        expected = metrics.get("n_expected")
+        if expected is not None and metrics["n_examples"] < expected:
+            lines.append(
+                f"{path.parent} holds {metrics['n_examples']} of {expected} examples "
+                "(a shard is missing or unfinished; rerun it to complete the cell)"
+            )
+    return lines
+
+
 def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Write ``scores.csv/.md`` (every run), ``main_table.csv/.md`` (method x budget, headline
     score per task and task family) and ``needle.csv`` under ``results_dir``; return the
-    frames."""
+    frames.
+
+    The tables are a function of the run folders alone. One process rebuilds them at a time (a
+    lock in the results folder), so concurrent runs never drop each other's cells; a cell
+    holding fewer examples than it runs is named in a warning and under the Markdown tables.
+    """
     results_dir = Path(results_dir)
-    scores = score_table(results_dir)
-    frames = {
-        "scores": scores,
-        "main_table": main_table(scores),
-        "needle": needle_table(results_dir),
-    }
-    for name, frame in frames.items():
-        write_atomically(results_dir / f"{name}.csv", frame.to_csv(index=False))
-        if name != "needle":
-            write_atomically(results_dir / f"{name}.md", markdown(frame))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with locked(results_dir / TABLES_LOCK):
+        scores = score_table(results_dir)
+        frames = {
+            "scores": scores,
+            "main_table": main_table(scores),
+            "needle": needle_table(results_dir),
+        }
+        incomplete = incomplete_cells(results_dir)
+        note = "".join(f"\nIncomplete: {line}.\n" for line in incomplete)
+        for name, frame in frames.items():
+            write_atomically(results_dir / f"{name}.csv", frame.to_csv(index=False))
+            if name != "needle":
+                write_atomically(results_dir / f"{name}.md", markdown(frame) + note)
+    for line in incomplete:
+        print(f"warning: {line}.", file=sys.stderr)
     return frames
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m capkv.results [results]``: rebuild the tables of a results folder."""
+    parser = argparse.ArgumentParser(description="Rebuild the tables of a results folder.")
+    parser.add_argument("results", nargs="?", default="results", help="default: results")
+    args = parser.parse_args(argv)
+    if not Path(args.results, RUNS).is_dir():
+        sys.exit(f"error: {args.results} holds no runs folder; pass the results_dir of a run.")
+    frames = aggregate(args.results)
+    print(f"{len(frames['scores'])} score rows from the runs under {args.results}/; wrote:")
+    for name in frames:
+        print(f"  {Path(args.results, name)}.csv" + ("" if name == "needle" else " and .md"))
+
+
+if __name__ == "__main__":
+    main()
