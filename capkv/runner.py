@@ -238,9 +238,10 @@ def shard_lock_path(run_dir: Path, shard: Shard) -> Path:
 
 
 def busy_message(run_dir: Path, shard: Shard) -> str:
+    what = str(run_dir) if shard.count == 1 else f"{shard.label} of {run_dir}"
     return (
-        f"Another process is writing {shard.label} of {run_dir}; wait for it to finish (or stop "
-        "it) before running that cell and shard again."
+        f"Another process is writing {what}; wait for it to finish (or stop it) before running "
+        "it again."
     )
 
 
