@@ -8,6 +8,8 @@ every job at once as a process of this machine. A job then uses only what it was
 - submitit's local executor gives every job the same devices (``0..gpus_per_node-1``), so each
   job keeps one of them, its job number modulo their count (:func:`narrow_local_devices`).
 - torch uses ``hydra.launcher.cpus_per_task`` threads when it is set (:func:`limit_threads`).
+- SIGTERM (``scancel``, preemption, the time limit) ends a submitit job at once, keeping every
+  row written, instead of being ignored until SLURM's SIGKILL (:func:`stop_on_sigterm`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -99,7 +102,28 @@ def limit_threads(launcher: DictConfig | None) -> None:
         torch.set_num_threads(int(cpus))
 
 
+class JobStopped(RuntimeError):
+    """The job was sent SIGTERM."""
+
+
+def stop_on_sigterm() -> None:
+    """In a submitit job, make SIGTERM end the job with one line (submitit ignores it, so a
+    cancelled job would run on until SLURM kills it)."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return  # the basic launcher: the multirun's own process handles its signals
+
+    def stop(signum: int, frame: object) -> None:
+        raise JobStopped(
+            "stopped by SIGTERM (scancel, preemption or the time limit); the rows it finished "
+            "are kept: submit the same command again to resume."
+        )
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def prepare_job(hydra_config: DictConfig) -> None:
-    """What a job of a multirun does before it loads anything: its devices and threads."""
+    """What a job of a multirun does before it loads anything: its devices, its threads and
+    its SIGTERM."""
     narrow_local_devices(int(hydra_config.job.get("num") or 0))
     limit_threads(hydra_config.get("launcher"))
+    stop_on_sigterm()

@@ -84,12 +84,12 @@ def shard_assignment(examples: Sequence[Example], count: int) -> dict[str, int]:
     return assignment
 
 
+UNSHARDED = Shard(0, 1)
+
+
 def select_shard(examples: Sequence[Example], shard: Shard) -> list[Example]:
     """The examples of ``shard``, in the task's order."""
     if shard.count == 1:
         return list(examples)
     assignment = shard_assignment(examples, shard.count)
     return [e for e in examples if assignment[e.example_id] == shard.index]
-
-
-UNSHARDED = Shard(0, 1)

@@ -4,6 +4,7 @@ real single-node SLURM (started by ``.ci/slurm.sh``; CI must run those tests, ne
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from capkv.cluster import narrow_local_devices
 from capkv.locking import is_held
 from capkv.results import finished_rows, run_directory
 from capkv.runner import shard_lock_path
@@ -196,7 +198,7 @@ def test_two_local_workers_give_the_tables_of_one_process(tmp_path, reference):
         )
     )
     assert tables(tmp_path / "results") == reference
-    assert len(list((tmp_path / "multirun").glob("*/*/.submitit/*_0"))) == 2
+    assert len(list((tmp_path / "multirun").glob("*/*/*/job.json"))) == 2
 
 
 @pytest.mark.parametrize(
@@ -205,7 +207,10 @@ def test_two_local_workers_give_the_tables_of_one_process(tmp_path, reference):
         (["shards=2", "shard=2"], "error: shard=2 is not one of the 2 shards [0, 2); pass 0 to 1."),
         (["shards=0"], "error: shards=0 must be a whole number of shards, 1 or more."),
         (["-m", "hydra/launcher=pbs"], "error: unknown launcher 'pbs'; choose one of: basic,"),
-        (["-m", "hydra/launcher=slurm"], "which is not on the PATH"),
+        (
+            ["-m", "hydra/launcher=slurm"],
+            "error: launcher 'slurm' submits with sbatch, which is not",
+        ),
     ],
 )
 def test_bad_cluster_input_gives_one_error_line_and_writes_nothing(tmp_path, overrides, message):
@@ -253,14 +258,24 @@ def slurm_queue_empty() -> bool:
 
 
 def test_a_sharded_sweep_on_slurm_merges_to_the_single_process_tables(slurm, tmp_path, reference):
-    ok(run(tmp_path, "-m", *SLURM_JOBS, *SWEEP, "shards=2", "shard=0,1", "results_dir=results"))
+    """Array tasks 0 and 1 are the two shards; task 2 (shard=2 of 2) is bad input: it fails
+    alone, in one line, while the others finish and the tables are rebuilt."""
+    result = run(
+        tmp_path, "-m", *SLURM_JOBS, *SWEEP, "shards=2", "shard=0,1,2", "results_dir=results"
+    )
+    check_failed_job_report(result)
     assert tables(tmp_path / "results") == reference
-    array_tasks = sorted(p.name for p in (tmp_path / "multirun").glob("*/*/.submitit/*_*"))
-    assert len(array_tasks) == 2 and array_tasks[0].split("_")[0] == array_tasks[1].split("_")[0]
+    folders = [p.name for p in (tmp_path / "multirun").glob("*/*/.submitit/*_*")]
+    tasks = [name.split("_") for name in folders if re.fullmatch(r"\d+_\d+", name)]
+    assert sorted(index for _, index in tasks) == ["0", "1", "2"]
+    assert len({array for array, _ in tasks}) == 1  # one job array
 
 
-def test_a_cancelled_slurm_shard_resubmitted_completes_the_tables(slurm, tmp_path, reference):
-    overrides = ["-m", *SLURM_JOBS, *SWEEP, "shards=2", "shard=0,1", "results_dir=results"]
+def test_a_cancelled_slurm_shard_resubmitted_completes_the_tables(slurm, tmp_path):
+    # Longer answers (the tiny random model rarely stops early): scancel lands mid-shard.
+    sweep = [*SWEEP, "task.max_new_tokens=96"]
+    ok(run(tmp_path, *sweep, "results_dir=reference"))
+    overrides = ["-m", *SLURM_JOBS, *sweep, "shards=2", "shard=0,1", "results_dir=results"]
     shard0 = cell(tmp_path / "results") / Shard(0, 2).rows_file
     multirun = start(tmp_path, *overrides)
     try:
@@ -268,20 +283,57 @@ def test_a_cancelled_slurm_shard_resubmitted_completes_the_tables(slurm, tmp_pat
         queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True)
         (task,) = [job for job in queue.stdout.split() if job.endswith("_0")]
         subprocess.run(["scancel", task], check=True)
-        multirun.communicate(timeout=600)
+        _, err = multirun.communicate(timeout=600)
     finally:
         if multirun.poll() is None:
             multirun.kill()
-    assert multirun.returncode != 0  # submitit reports the cancelled job
     assert rows_in(shard0) < N_EXAMPLES // 2, "cancelled too late to test anything"
+    assert multirun.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert "error: stopped by SIGTERM (scancel, preemption or the time limit)" in err
     wait_until(slurm_queue_empty, "shard 1 to finish")
     ok(run(tmp_path, *overrides))
-    assert tables(tmp_path / "results") == reference
+    assert tables(tmp_path / "results") == tables(tmp_path / "reference")
 
 
-def test_a_failing_slurm_array_task_fails_alone_in_one_line(slurm, tmp_path, reference):
-    result = run(
-        tmp_path, "-m", *SLURM_JOBS, *SWEEP, "shards=2", "shard=0,1,2", "results_dir=results"
+# --------------------------------------------------------------------------- per-job resources
+
+
+def test_a_local_job_keeps_one_of_the_gpus_it_sees(monkeypatch):
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    for job_num, expected in [(0, "0"), (1, "1"), (2, "2"), (3, "0")]:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+        narrow_local_devices(job_num)
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # SLURM already gave the job its GPUs
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    narrow_local_devices(1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5"
+
+
+@pytest.mark.slow
+def test_jobs_starting_together_convert_smollm2_once(tmp_path):
+    code = (
+        "import sys; import capkv.models as m; convert = m._convert_smollm2\n"
+        "def counted(*args):\n"
+        "    print('converted', flush=True)\n"
+        "    return convert(*args)\n"
+        "m._convert_smollm2 = counted\n"
+        "model, _ = m.load_smollm2(sys.argv[1])\n"
+        "print(model.config.num_hidden_layers, flush=True)\n"
     )
-    check_failed_job_report(result)
-    assert tables(tmp_path / "results") == reference
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path / "smollm2")],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [job.communicate(timeout=600) for job in jobs]
+    for job, (_, err) in zip(jobs, outputs, strict=True):
+        assert job.returncode == 0, err[-3000:]
+    lines = [out.split() for out, _ in outputs]
+    assert sorted(lines) == [["30"], ["converted", "30"]]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == ["smollm2"]
