@@ -321,19 +321,21 @@ def test_jobs_starting_together_convert_smollm2_once(tmp_path):
         "model, _ = m.load_smollm2(sys.argv[1])\n"
         "print(model.config.num_hidden_layers, flush=True)\n"
     )
-    jobs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, str(tmp_path / "smollm2")],
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [job.communicate(timeout=600) for job in jobs]
-    for job, (_, err) in zip(jobs, outputs, strict=True):
-        assert job.returncode == 0, err[-3000:]
-    lines = [out.split() for out, _ in outputs]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    jobs = []
+    for i in range(2):
+        with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+            jobs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code, str(tmp_path / "cache" / "smollm2")],
+                    env=ENV,
+                    stdout=out,
+                    stderr=err,
+                )
+            )
+    for i, job in enumerate(jobs):
+        assert job.wait(timeout=600) == 0, (logs / f"{i}.err").read_text()[-3000:]
+    lines = [(logs / f"{i}.out").read_text().split() for i in range(2)]
     assert sorted(lines) == [["30"], ["converted", "30"]]
-    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == ["smollm2"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".smollm2.lock", "smollm2"]
