@@ -519,10 +519,13 @@ def load_smollm2(
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_smollm2_cache()
     if not _is_converted(folder):
         # Jobs starting together convert once: the others wait here, then load the folder.
-        with locked(folder.parent / f".{folder.name}.lock"):
+        lock = folder.parent / f".{folder.name}.lock"
+        with locked(lock):
             if not _is_converted(folder):
                 model, tokenizer = _convert_smollm2(smollm2_gguf_path(), attn_implementation)
                 _save_atomically(model, tokenizer, folder)
+                # Safe to remove: from now on every process finds the folder converted.
+                lock.unlink(missing_ok=True)
                 return _finish(model, torch_dtype, "cpu"), tokenizer
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch_dtype, attn_implementation=attn_implementation
