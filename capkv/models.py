@@ -41,6 +41,8 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from capkv.locking import locked
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "auto")
 DTYPES: dict[str, torch.dtype | str] = {
@@ -495,7 +497,8 @@ def load_smollm2(
 
     The first call de-quantizes the Q4_1 GGUF file with transformers (about 20 s on a CPU) and
     saves a float32 safetensors folder with the tokenizer and its chat template into
-    ``cache_dir``; later calls load that folder without touching the GGUF file.
+    ``cache_dir``; later calls load that folder without touching the GGUF file. Processes
+    starting together convert once (a lock beside the folder; the others wait, then load it).
 
     Parameters
     ----------
@@ -514,15 +517,21 @@ def load_smollm2(
     check_attn_implementation(attn_implementation)
     torch_dtype = resolve_dtype(dtype)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_smollm2_cache()
-    if _is_converted(folder):
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype, attn_implementation=attn_implementation
-        )
-        check_smollm2(model.config)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        return _finish(model, torch_dtype, "cpu"), tokenizer
-    model, tokenizer = _convert_smollm2(smollm2_gguf_path(), attn_implementation)
-    _save_atomically(model, tokenizer, folder)
+    if not _is_converted(folder):
+        # Jobs starting together convert once: the others wait here, then load the folder.
+        lock = folder.parent / f".{folder.name}.lock"
+        with locked(lock):
+            if not _is_converted(folder):
+                model, tokenizer = _convert_smollm2(smollm2_gguf_path(), attn_implementation)
+                _save_atomically(model, tokenizer, folder)
+                # Safe to remove: from now on every process finds the folder converted.
+                lock.unlink(missing_ok=True)
+                return _finish(model, torch_dtype, "cpu"), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch_dtype, attn_implementation=attn_implementation
+    )
+    check_smollm2(model.config)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     return _finish(model, torch_dtype, "cpu"), tokenizer
 
 

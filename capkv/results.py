@@ -4,21 +4,26 @@ One run = one (model, task, method, budget, protocol) cell, in its own directory
 
     <results>/runs/<model>/<task>/<method>/<budget>/<protocol>/
         examples.jsonl   one row per finished example, appended and flushed as it finishes
-        metrics.json     mean scores (x 100) overall and per subtask, written atomically
-        config.yaml      the resolved config of the run
+                         (shard i of N > 1 appends to examples.shard-i-of-N.jsonl instead)
+        metrics.json     mean scores (x 100) overall and per subtask over the rows of every
+                         rows file, with how many examples the cell holds of how many
+        config.yaml      the resolved config, written before the first row
 
-A rerun skips the examples already in ``examples.jsonl``; a killed run loses at most the
-example in flight. :func:`aggregate` collects every ``metrics.json`` (and the needle rows) into
-``<results>/*.csv`` and ``<results>/*.md``.
+A rerun skips the examples already in any rows file of the cell, whatever shard count wrote
+them; a killed run loses at most the example in flight. :func:`aggregate` collects every
+``metrics.json`` (and the needle rows) into ``<results>/*.csv`` and ``<results>/*.md``
+(``python -m capkv.results [results]``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
 import secrets
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -28,10 +33,14 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from capkv.locking import locked
+
 log = logging.getLogger(__name__)
 
 RUNS = "runs"
 EXAMPLES = "examples.jsonl"
+ROWS_GLOB = "examples*.jsonl"  # examples.jsonl and every examples.shard-i-of-N.jsonl
+TABLES_LOCK = ".tables.lock"
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
 DIAGNOSTICS = ("capacity_fraction", "attention_error")  # see capkv.diagnostics
@@ -77,14 +86,18 @@ def run_directory(
     return Path(results_dir, RUNS, *(part.replace("/", "--") for part in parts))
 
 
-def finished_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """Rows already written, each valid one kept wherever it is in the file.
+def rows_files(run_dir: Path) -> list[Path]:
+    """Every rows file of a cell: ``examples.jsonl`` first, then the shards' files."""
+    return sorted(Path(run_dir).glob(ROWS_GLOB))
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of one rows file, each valid one kept wherever it is in the file.
 
     A damaged line (a run killed mid-write, a line edited by hand) is reported with the file and
     line number and skipped; its example runs again, and the next write of the file leaves the
     line out. A row repeating an example already read is skipped too.
     """
-    path = run_dir / EXAMPLES
     if not path.exists():
         return []
     rows: list[dict[str, Any]] = []
@@ -138,12 +151,28 @@ def stored_config(run_dir: Path) -> dict[str, Any] | None:
     )
 
 
+def finished_rows(run_dir: Path, order: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of a cell from all its rows files, each example once (two runs with different
+    shard counts may both have finished it; their rows are equal but for ``seconds``).
+
+    With ``order`` (example ids, e.g. the task's), rows follow it, so that a cell run as N shards
+    yields its rows in the order of the unsharded run; rows of other ids follow in file order.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for path in rows_files(run_dir):
+        for row in read_rows(path):
+            rows.setdefault(row["example_id"], row)
+    if order is None:
+        return list(rows.values())
+    rank = {example_id: i for i, example_id in enumerate(order)}
+    return sorted(rows.values(), key=lambda row: rank.get(row["example_id"], len(rank)))
+
+
 class ExampleLog:
     """Appends one JSON row per example and flushes it to disk at once."""
 
-    def __init__(self, run_dir: Path, rows: list[dict[str, Any]]) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / EXAMPLES
+    def __init__(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         # Rewrite the valid rows so a torn last line never stays in the file.
         write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
         self._stream = path.open("a")
@@ -177,8 +206,17 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"n_examples": len(rows), "scores": overall, "subtasks": subtasks}
 
 
-def write_metrics(run_dir: Path, identity: dict[str, Any], rows: list[dict[str, Any]]) -> dict:
-    """Write ``metrics.json`` for the rows so far; returns what was written."""
+def write_metrics(
+    run_dir: Path,
+    identity: dict[str, Any],
+    rows: list[dict[str, Any]],
+    n_expected: int | None = None,
+) -> dict:
+    """Write ``metrics.json`` for the rows so far; returns what was written.
+
+    ``n_expected`` is how many examples the whole cell (every shard) runs; a cell holding fewer
+    rows is reported as incomplete by :func:`aggregate`.
+    """
     kept = [sum(r["kept_tokens_per_layer"]) / len(r["kept_tokens_per_layer"]) for r in rows]
     prompt = [r["prompt_tokens"] for r in rows]
     measured = [row["diagnostics"] for row in rows if "diagnostics" in row]
@@ -193,6 +231,8 @@ def write_metrics(run_dir: Path, identity: dict[str, Any], rows: list[dict[str, 
         if measured
         else {},
     }
+    if n_expected is not None:
+        metrics["n_expected"] = n_expected
     write_atomically(run_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -261,6 +301,13 @@ def score_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
     )
 
 
+def needle_order(row: dict[str, Any]) -> tuple:
+    """Needle rows by context length, then depth: the same order however many shards wrote
+    them and in whatever order they finished."""
+    meta = row.get("metadata", {})
+    return meta.get("context_length", 0), meta.get("depth", 0), row["example_id"]
+
+
 def needle_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
     """Per-example rows of every needle run (from :func:`load_metrics`): context length, depth
     and scores."""
@@ -269,7 +316,8 @@ def needle_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
         if not str(metrics["task"]).startswith("needle"):
             continue
         identity = {k: metrics[k] for k in ("model", "task", "method", "budget", "protocol")}
-        for row in finished_rows(metrics_path.parent):
+        rows = sorted(finished_rows(metrics_path.parent), key=needle_order)
+        for row in rows:
             meta = row.get("metadata", {})
             records.append(
                 {
@@ -333,20 +381,62 @@ def main_table(scores: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def incomplete_cells(runs: dict[Path, dict[str, Any]]) -> list[str]:
+    """One line per cell (from :func:`load_metrics`) that holds fewer examples than it runs (a
+    shard missing or unfinished)."""
+    lines = []
+    for path, metrics in runs.items():
+        expected = metrics.get("n_expected")
+        if expected is not None and metrics["n_examples"] < expected:
+            lines.append(
+                f"{path.parent} holds {metrics['n_examples']} of {expected} examples "
+                "(a shard is missing or unfinished; rerun it to complete the cell)"
+            )
+    return lines
+
+
 def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Write ``scores.csv/.md`` (every run), ``main_table.csv/.md`` (method x budget, headline
     score per task and task family) and ``needle.csv`` under ``results_dir``; return the
-    frames."""
+    frames.
+
+    The tables are a function of the run folders alone. One process rebuilds them at a time (a
+    lock in the results folder), so concurrent runs never drop each other's cells; a cell
+    holding fewer examples than it runs is named in a warning and under the Markdown tables.
+    """
     results_dir = Path(results_dir)
-    runs = load_metrics(results_dir)
-    scores = score_table(runs)
-    frames = {
-        "scores": scores,
-        "main_table": main_table(scores),
-        "needle": needle_table(runs),
-    }
-    for name, frame in frames.items():
-        write_atomically(results_dir / f"{name}.csv", frame.to_csv(index=False))
-        if name != "needle":
-            write_atomically(results_dir / f"{name}.md", markdown(frame))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with locked(results_dir / TABLES_LOCK):
+        runs = load_metrics(results_dir)
+        scores = score_table(runs)
+        frames = {
+            "scores": scores,
+            "main_table": main_table(scores),
+            "needle": needle_table(runs),
+        }
+        incomplete = incomplete_cells(runs)
+        note = "".join(f"\nIncomplete: {line}.\n" for line in incomplete)
+        for name, frame in frames.items():
+            write_atomically(results_dir / f"{name}.csv", frame.to_csv(index=False))
+            if name != "needle":
+                write_atomically(results_dir / f"{name}.md", markdown(frame) + note)
+    for line in incomplete:
+        print(f"warning: {line}.", file=sys.stderr)
     return frames
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m capkv.results [results]``: rebuild the tables of a results folder."""
+    parser = argparse.ArgumentParser(description="Rebuild the tables of a results folder.")
+    parser.add_argument("results", nargs="?", default="results", help="default: results")
+    args = parser.parse_args(argv)
+    if not Path(args.results, RUNS).is_dir():
+        sys.exit(f"error: {args.results} holds no runs folder; pass the results_dir of a run.")
+    frames = aggregate(args.results)
+    print(f"{len(frames['scores'])} score rows from the runs under {args.results}/; wrote:")
+    for name in frames:
+        print(f"  {Path(args.results, name)}.csv" + ("" if name == "needle" else " and .md"))
+
+
+if __name__ == "__main__":
+    main()

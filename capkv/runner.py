@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,11 @@ from capkv.budget import Budget
 from capkv.decoding import greedy_generate
 from capkv.engine import CompressionRecord, evict
 from capkv.hooks import run_with_cache
+from capkv.locking import FileLock, LockHeld, locked
 from capkv.method import EvictionMethod
 from capkv.prompting import PromptIds, prompt_overhead, tokenize_prompt
-from capkv.results import ExampleLog, finished_rows, write_metrics
+from capkv.results import ExampleLog, finished_rows, read_rows, write_metrics
+from capkv.shards import UNSHARDED, Shard, select_shard
 from capkv.tasks.base import Example, Task
 
 log = logging.getLogger(__name__)
@@ -111,16 +115,28 @@ def check_fits(model: PreTrainedModel, example: Example, prompt: PromptIds) -> N
         )
 
 
+@dataclass
+class ExamplePlan:
+    """What one process runs of a task: every example id of the task, in its order (what a
+    cell holds when all its shards are done), and the examples of its own shard with their
+    token ids."""
+
+    example_ids: list[str]
+    prepared: list[tuple[Example, PromptIds]]
+
+
 def prepared_examples(
-    model: PreTrainedModel, tokenizer: Any, task: Task
-) -> list[tuple[Example, PromptIds]]:
-    """Every example of ``task`` with its token ids, all checked to fit before any is run."""
+    model: PreTrainedModel, tokenizer: Any, task: Task, shard: Shard = UNSHARDED
+) -> ExamplePlan:
+    """The examples of ``task`` in ``shard`` with their token ids, all checked to fit before any
+    is run."""
+    examples = list(task.examples(tokenizer, max_prompt_tokens(model, tokenizer)))
     prepared = []
-    for example in task.examples(tokenizer, max_prompt_tokens(model, tokenizer)):
+    for example in select_shard(examples, shard):
         prompt = tokenize_prompt(tokenizer, example)
         check_fits(model, example, prompt)
         prepared.append((example, prompt))
-    return prepared
+    return ExamplePlan([example.example_id for example in examples], prepared)
 
 
 def result_row(
@@ -140,28 +156,94 @@ def result_row(
     }
 
 
-class CellLog:
-    """The rows of one run directory: what is done, appending new rows, writing metrics."""
+class CellBusy(ValueError):
+    """Another process is writing the same cell and shard."""
 
-    def __init__(self, run_dir: Path, identity: dict[str, Any]) -> None:
+
+CELL_LOCK = ".cell.lock"  # one writer of a cell's config.yaml and metrics.json at a time
+
+
+class CellLog:
+    """The rows of one cell as one shard writes them: what is done (by any shard, with any shard
+    count), appending this shard's rows, writing the cell's metrics.
+
+    :meth:`start` claims the (cell, shard) before the first row: an advisory lock that a second
+    process is refused (:class:`CellBusy`) and that a dead process releases, then
+    ``write_config`` (under the cell's lock). :meth:`close` writes ``metrics.json`` from the rows
+    of every shard, under the cell's lock, so shards finishing together never lose each other's
+    rows.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        identity: dict[str, Any],
+        shard: Shard = UNSHARDED,
+        write_config: Callable[[], None] | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.identity = identity
+        self.shard = shard
+        self.write_config = write_config
         self.rows = finished_rows(run_dir)
         self.done = {row["example_id"] for row in self.rows}
+        self.example_ids: list[str] | None = None
         self._log: ExampleLog | None = None
+        self._lock: FileLock | None = None
+
+    def start(self, example_ids: list[str]) -> None:
+        """Claim this cell and shard for this process; ``example_ids`` are the cell's examples
+        (every shard's), in the task's order."""
+        try:
+            self._lock = FileLock(shard_lock_path(self.run_dir, self.shard)).acquire(blocking=False)
+        except LockHeld:
+            raise CellBusy(busy_message(self.run_dir, self.shard)) from None
+        self.example_ids = example_ids
+        if self.write_config is not None:
+            with locked(self.run_dir / CELL_LOCK):
+                self.write_config()
+        # Other shards may have finished examples since this log was opened.
+        self.rows = finished_rows(self.run_dir)
+        self.done = {row["example_id"] for row in self.rows}
 
     def append(self, row: dict[str, Any]) -> None:
         if self._log is None:
-            self._log = ExampleLog(self.run_dir, self.rows)
+            path = self.run_dir / self.shard.rows_file
+            self._log = ExampleLog(path, read_rows(path))
         self._log.append(row)
         self.rows.append(row)
         self.done.add(row["example_id"])
 
     def close(self) -> dict[str, Any]:
-        """Close the file and write the metrics of the rows so far."""
+        """Close the file, write the metrics of the cell's rows so far, release the claim."""
         if self._log is not None:
             self._log.close()
-        return write_metrics(self.run_dir, self.identity, self.rows) if self.rows else {}
+        if self._lock is None:
+            return {}
+        try:
+            with locked(self.run_dir / CELL_LOCK):
+                self.rows = finished_rows(self.run_dir, order=self.example_ids)
+                if not self.rows:
+                    return {}
+                return write_metrics(
+                    self.run_dir, self.identity, self.rows, n_expected=len(self.example_ids)
+                )
+        finally:
+            self._lock.release()
+            self._lock = None
+
+
+def shard_lock_path(run_dir: Path, shard: Shard) -> Path:
+    """The lock one writer of a (cell, shard) holds."""
+    return run_dir / f".{shard.rows_file}.lock"
+
+
+def busy_message(run_dir: Path, shard: Shard) -> str:
+    what = str(run_dir) if shard.count == 1 else f"{shard.label} of {run_dir}"
+    return (
+        f"Another process is writing {what}; wait for it to finish (or stop it) before running "
+        "it again."
+    )
 
 
 def run_cell(
@@ -173,16 +255,21 @@ def run_cell(
     protocol: str,
     run_dir: Path,
     identity: dict[str, Any],
+    shard: Shard = UNSHARDED,
+    write_config: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every unfinished example of ``task`` and write rows and metrics into ``run_dir``.
+    """Run every unfinished example of ``task`` in ``shard`` and write rows and metrics into
+    ``run_dir`` (``write_config`` runs before the first row; see :class:`CellLog`).
 
     Returns the metrics written.
     """
     check_protocol(protocol)
-    cell = CellLog(run_dir, identity)
+    cell = CellLog(run_dir, identity, shard, write_config)
+    plan = prepared_examples(model, tokenizer, task, shard)
+    cell.start(plan.example_ids)
     todo = [
         (example, prompt)
-        for example, prompt in prepared_examples(model, tokenizer, task)
+        for example, prompt in plan.prepared
         if example.example_id not in cell.done
     ]
     if cell.done:

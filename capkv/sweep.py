@@ -88,13 +88,24 @@ def run_sweep(
     Per example: one prefill records the kept tokens of the cells still to do, then each of
     those cells decodes from its gathered cache and appends its row. With ``diagnostics``, each
     row also holds the retained capacity fraction and the attention-output error of its kept
-    set (:mod:`capkv.diagnostics`).
+    set (:mod:`capkv.diagnostics`). The cells' logs name one shard of examples (all of them
+    by default); only its examples run, each for every cell.
     """
     check_protocol(protocol)
-    examples = prepared_examples(model, tokenizer, task)
-    todo = [(e, p) for e, p in examples if any(e.example_id not in c.log.done for c in cells)]
-    log.info("sweep of %d cells over %d examples (%d to do)", len(cells), len(examples), len(todo))
+    (shard,) = {cell.log.shard for cell in cells}
+    plan = prepared_examples(model, tokenizer, task, shard)
     try:
+        for cell in cells:
+            cell.log.start(plan.example_ids)
+        examples = plan.prepared
+        todo = [(e, p) for e, p in examples if any(e.example_id not in c.log.done for c in cells)]
+        log.info(
+            "sweep of %d cells over %d examples of %s (%d to do)",
+            len(cells),
+            len(examples),
+            shard.label,
+            len(todo),
+        )
         for example, prompt in tqdm(todo, desc=f"sweep of {len(cells)} cells", unit="example"):
             pending = [cell for cell in cells if example.example_id not in cell.log.done]
             start = time.perf_counter()

@@ -107,7 +107,7 @@ def time_separate(model, tokenizer, task, folder: Path) -> float:
 
 
 def time_kvpress(model, eager_model, tokenizer, task) -> float:
-    examples = prepared_examples(model, tokenizer, task)
+    examples = prepared_examples(model, tokenizer, task).prepared
     start = time.perf_counter()
     for ratio in RATIOS:
         for name, press in kvpress_presses(ratio).items():
@@ -124,7 +124,7 @@ def time_kvpress(model, eager_model, tokenizer, task) -> float:
 
 def warm_up(model, eager_model, tokenizer, task) -> None:
     """One untimed prefill per model, so that no mode pays the process's first-call costs."""
-    _, prompt = prepared_examples(model, tokenizer, task)[0]
+    _, prompt = prepared_examples(model, tokenizer, task).prepared[0]
     for runner in (model, eager_model):
         with torch.inference_mode():
             prefill(runner, prefill_ids(prompt, PROTOCOL), DynamicCache())

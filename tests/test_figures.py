@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from capkv.figures import budget_sort_key, fitted_title, main, parse_budget, safe_name
-from capkv.results import ExampleLog, run_directory, write_metrics
+from capkv.results import EXAMPLES, ExampleLog, run_directory, write_metrics
 
 MODEL = "org/tiny-0.5b"  # a slash and a dot: file names must be path-safe and whole
 PROTOCOL = "query_aware"
@@ -68,7 +68,7 @@ def write_run(results: Path, task: str, method: str, budget: str, rows: list[dic
     identity = {"model": MODEL, "task": task, "method": method, "budget": budget}
     identity["protocol"] = PROTOCOL
     run_dir = run_directory(results, **identity)
-    log = ExampleLog(run_dir, [])
+    log = ExampleLog(run_dir / EXAMPLES, [])
     for example in rows:
         log.append(example)
     log.close()
