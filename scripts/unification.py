@@ -99,7 +99,7 @@ def measure_task(model, tokenizer, task, task_name: str, args) -> tuple[list[dic
     cells = [(name, b.label) for name in methods for b in budgets]
     selections = [(methods[name], b) for name in methods for b in budgets]
     scored = {n: m for n, m in methods.items() if n not in SAME_SCORES_AS}
-    examples = spread(prepared_examples(model, tokenizer, task), args.prompts)
+    examples = spread(prepared_examples(model, tokenizer, task).prepared, args.prompts)
     config = model.config
     layers = args.layers or list(range(config.num_hidden_layers))
     longest = max(prompt.length for _, prompt in examples)
@@ -152,6 +152,7 @@ def optimum_summary(optimum: pd.DataFrame, scores_csv: Path, model: str) -> pd.D
         .reset_index()
     )
     table["fraction_of_greedy"] *= 100
+    table["task_score"] = float("nan")
     if scores_csv.exists():
         scores = pd.read_csv(scores_csv)
         scores = scores[
@@ -160,11 +161,15 @@ def optimum_summary(optimum: pd.DataFrame, scores_csv: Path, model: str) -> pd.D
             & (scores["protocol"] == PROTOCOL)
         ]
         scores = scores[scores["metric"] == scores["task"].map(SCORE_OF_TASK)]
-        table = table.merge(
-            scores[["task", "method", "budget", "score"]],
-            on=["task", "method", "budget"],
-            how="left",
-        ).rename(columns={"score": "task_score"})
+        table = (
+            table.drop(columns="task_score")
+            .merge(
+                scores[["task", "method", "budget", "score"]],
+                on=["task", "method", "budget"],
+                how="left",
+            )
+            .rename(columns={"score": "task_score"})
+        )
     return table
 
 
@@ -198,11 +203,13 @@ def agreement_figure(agreement: pd.DataFrame, title: str):
 
 def optimum_figure(table: pd.DataFrame, title: str):
     """Fraction of the greedy capacity kept against the task score, one panel per task."""
-    tasks = [
+    # Panels for the tasks with scores in the main results (every task when none has any).
+    scored = [
         t
         for t in table["task"].unique()
         if table.loc[table["task"] == t, "task_score"].notna().any()
     ]
+    tasks = scored or list(table["task"].unique())
     figure = new_figure(5.0 * max(len(tasks), 1), 4.2)
     axes = figure.subplots(1, max(len(tasks), 1), squeeze=False)[0]
     for ax, task in zip(axes, tasks, strict=False):

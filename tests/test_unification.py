@@ -4,8 +4,11 @@ objective, and the reductions of the capacity objective that the paper's claim r
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from dataclasses import replace
 from itertools import combinations
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +28,9 @@ from capkv.unification import (
     spearman,
 )
 from tests.conftest import capture_prefill, random_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = ("agreement.md", "optimum.md", "agreement.csv", "optimum.csv")
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +181,40 @@ def test_an_hour_long_greedy_request_is_refused_with_the_estimate_and_what_to_do
     with pytest.raises(ValueError, match=r"about [\d.]+ hours per prompt: sample fewer layers"):
         check_greedy_cost(seconds, limit_minutes=30)
     check_greedy_cost(greedy_seconds(2, 2, 2, 100, 50, 16), limit_minutes=1)
+
+
+def run_script(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "unification.py"),
+        "--model=tiny-random",
+        "--tasks",
+        "needle_grid",
+        "--task-overrides",
+        "task.context_lengths=[300]",
+        "--prompts=1",
+        f"--results={tmp_path / 'results'}",
+        f"--plots={tmp_path / 'plots'}",
+        *arguments,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def test_the_script_writes_tables_and_figures_and_redraws_them_alike(tmp_path):
+    result = run_script(tmp_path, "--layers", "0", "3", "--ratios", "0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tables = {name: (tmp_path / "results" / name).read_text() for name in TABLES}
+    assert "| capkv | 1.00 |" in tables["agreement.md"]
+    assert (tmp_path / "plots" / "agreement_by_layer.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "capacity_vs_score.png").stat().st_size > 0
+    redrawn = run_script(tmp_path, "--redraw")
+    assert redrawn.returncode == 0, redrawn.stderr[-3000:]
+    assert {name: (tmp_path / "results" / name).read_text() for name in TABLES} == tables
+
+
+def test_the_script_refuses_an_hour_long_greedy_in_one_line(tmp_path):
+    result = run_script(tmp_path, "--max-greedy-minutes=0.00001")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: The greedy selection would")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "results").exists()
