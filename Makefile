@@ -33,10 +33,12 @@ $(ORACLE_VENV)/.installed: pyproject.toml Makefile
 
 # The suite on the newest transformers, then (building .venv-oracle the first time) on the
 # oldest with the kvpress oracle tests, which there fail instead of skipping without kvpress.
-# The cluster tests (launchers, SLURM) do not depend on transformers and run once, in .venv.
+# Tests that never touch transformers (launchers and SLURM, input checks, results, figures,
+# statistics) run once, in .venv.
+ONCE := cluster hostile_input results shards figures uncertainty experiments metrics
 test: $(VENV)/.installed $(ORACLE_VENV)/.installed
 	$(BIN)/pytest
-	CAPKV_REQUIRE_KVPRESS=1 $(ORACLE_VENV)/bin/pytest --ignore=tests/test_cluster.py
+	CAPKV_REQUIRE_KVPRESS=1 $(ORACLE_VENV)/bin/pytest $(ONCE:%=--ignore=tests/test_%.py)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

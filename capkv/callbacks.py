@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from capkv.cluster import JobStopped
 from capkv.errors import explain, one_sentence
 from capkv.results import aggregate, write_atomically
 
@@ -45,7 +46,7 @@ def one_line(error: BaseException) -> str:
     """A failed job's error as one line: the sentence a single run would print for bad input
     (:func:`capkv.errors.explain`), else the error's type and message (its traceback is saved
     beside the job's output)."""
-    message = explain(error)
+    message = str(error) if isinstance(error, JobStopped) else explain(error)
     if message is None:
         message = one_sentence(f"{type(error).__name__}: {error}")
     return f"error: {message}"

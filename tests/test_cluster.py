@@ -129,8 +129,11 @@ def test_two_concurrent_runs_of_one_cell_give_one_refusal_and_no_duplicated_row(
     first = start(tmp_path, *SWEEP, "results_dir=results")
     try:
         wait_until(lambda: is_held(lock), "the first run to claim its cells", process=first)
+        # Paused while it holds its claim, so the second run meets it however fast it runs.
+        first.send_signal(signal.SIGSTOP)
         second = run(tmp_path, *SWEEP, "results_dir=results")
     finally:
+        first.send_signal(signal.SIGCONT)
         out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode != 0
