@@ -22,6 +22,7 @@ before the import, the kernels run on the CPU (Triton's interpreter, used by the
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -43,6 +44,7 @@ def _row_statistics(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Log2-sum-exp of each query's causal logits; one program per (query tile, batch x head)."""
     tile = tl.program_id(0)
@@ -55,6 +57,8 @@ def _row_statistics(
         mask=(rows[:, None] < length) & (dims[None, :] < head_dim),
         other=0.0,
     )
+    if UPCAST:
+        q = q.to(tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     key_base = keys + kv_head * length * head_dim
@@ -66,6 +70,8 @@ def _row_statistics(
             mask=(cols[:, None] < length) & (dims[None, :] < head_dim),
             other=0.0,
         )
+        if UPCAST:
+            k = k.to(tl.float32)
         logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         visible = (cols[None, :] <= rows[:, None]) & (cols[None, :] < length)
         logits = tl.where(visible, logits, float("-inf"))
@@ -91,6 +97,7 @@ def _column_sums(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Attention each key receives, summed over queries and the KV head's query heads; one
     program per (key tile, batch x KV head)."""
@@ -103,6 +110,8 @@ def _column_sums(
         mask=(cols[:, None] < length) & (dims[None, :] < head_dim),
         other=0.0,
     )
+    if UPCAST:
+        k = k.to(tl.float32)
     total = tl.zeros([BLOCK_N], tl.float32)
     first = (tile * BLOCK_N) // BLOCK_M * BLOCK_M  # the first query tile that sees this tile
     for member in range(group):
@@ -114,6 +123,8 @@ def _column_sums(
                 mask=(rows[:, None] < length) & (dims[None, :] < head_dim),
                 other=0.0,
             )
+            if UPCAST:
+                q = q.to(tl.float32)
             lse = tl.load(log_sum_exp + head * length + rows, mask=rows < length, other=0.0)
             logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             visible = (cols[None, :] <= rows[:, None]) & (rows[:, None] < length)
@@ -168,6 +179,8 @@ def fused_received_attention(
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
         # float32 inputs stay float32 (tf32 would move near-ties); bf16/fp16 accumulate in fp32.
         "PRECISION": "ieee" if queries.dtype == torch.float32 else "tf32",
+        # Triton's interpreter (3.9) multiplies bfloat16 tiles wrongly: there they go in as float32.
+        "UPCAST": queries.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
     }
     scale_log2 = float(scaling) * LOG2_E
     _row_statistics[(math.ceil(length / block_m), bsz * num_heads)](

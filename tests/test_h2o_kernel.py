@@ -65,6 +65,15 @@ def test_kernel_equals_the_attention_matrix_on_random_inputs(
     torch.testing.assert_close(fused.sum(dim=-1), per_head, rtol=1e-5, atol=1e-4)
 
 
+def test_kernel_in_bfloat16_equals_the_attention_matrix_of_the_rounded_inputs(kernel):
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(1, 4, 40, 16, generator=generator).bfloat16()
+    keys = torch.randn(1, 2, 40, 16, generator=generator).bfloat16()
+    fused = kernel(queries, keys, 0.25, **TILES)
+    expected = chunked_reference(queries, keys, 0.25)
+    torch.testing.assert_close(fused.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
 def test_kernel_equals_the_chunked_h2o_scores_of_the_tiny_model(kernel, kv_heads):
     """Ragged: 45 tokens (neither a multiple of the tiles nor of the chunk of 8 queries)."""
