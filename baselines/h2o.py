@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from capkv.attention import received_attention
+from capkv.attention import accumulated_attention
 from capkv.layer import LayerPrefill
 from capkv.method import EvictionMethod
 
@@ -19,16 +19,18 @@ class H2O(EvictionMethod):
     Each key's score is the attention it receives, summed over every prompt query (causal
     softmax over the full prompt), averaged over the query heads of its KV head; the top
     ``budget - window`` non-window tokens are kept with the last ``window`` tokens. The
-    original evicts one token per decoding step; this is its prefill analogue. Queries are
-    processed in chunks, so memory grows as ``chunk x T``, never ``T x T``, and no attention
-    weights are asked of the model (sdpa and flash-attention keep working).
+    original evicts one token per decoding step; this is its prefill analogue. On CUDA with
+    Triton a fused kernel streams queries and keys in tiles (memory ``O(T)`` per head);
+    elsewhere queries are processed in chunks, so memory grows as ``chunk x T``, never
+    ``T x T`` (:func:`capkv.attention.accumulated_attention`). No attention weights are asked of
+    the model (sdpa and flash-attention keep working).
 
     Parameters
     ----------
     window : int
         Recent tokens always kept.
     chunk : int
-        Queries per chunk when accumulating attention (memory versus speed only).
+        Queries per chunk of the PyTorch path (memory versus speed only).
     """
 
     window: int = 32
@@ -44,12 +46,4 @@ class H2O(EvictionMethod):
         return 0, self.window
 
     def score(self, layer: LayerPrefill) -> torch.Tensor:
-        prompt_length = layer.prompt_length
-        keys = layer.keys
-        scores = torch.zeros(
-            keys.shape[0], keys.shape[1], prompt_length, dtype=torch.float32, device=keys.device
-        )
-        for start in range(0, prompt_length, self.chunk):
-            end = min(start + self.chunk, prompt_length)
-            scores[..., :end] += received_attention(layer, start, end).mean(dim=2)
-        return scores
+        return accumulated_attention(layer, self.chunk)

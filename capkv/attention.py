@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 
 from capkv.layer import LayerPrefill
@@ -43,3 +46,59 @@ def received_attention(layer: LayerPrefill, query_start: int, query_end: int) ->
     query_weights = probabilities.new_ones(1, 1, n_queries).expand(logits.shape[0], 1, n_queries)
     received = torch.bmm(query_weights, probabilities)
     return received.view(bsz, n_kv, group, query_end)
+
+
+@functools.cache
+def _fused_kernel():
+    """:func:`capkv.h2o_kernel.fused_received_attention`, or None (one warning) without Triton."""
+    try:
+        from capkv.h2o_kernel import fused_received_attention
+    except ImportError as error:
+        logging.getLogger(__name__).warning(
+            "Triton is not importable (%s): H2O scores on CUDA fall back to the chunked PyTorch "
+            "path; install the 'triton' extra for the fused kernel.",
+            error,
+        )
+        return None
+    return fused_received_attention
+
+
+def accumulated_attention(
+    layer: LayerPrefill, chunk: int = 128, fused: bool | None = None
+) -> torch.Tensor:
+    """Attention each key receives from every prompt query, averaged over its query heads.
+
+    Parameters
+    ----------
+    layer : LayerPrefill
+        The layer whose prompt queries and cached keys are used.
+    chunk : int
+        Queries per chunk of the PyTorch path (memory ``chunk x T`` per query head).
+    fused : bool, optional
+        True: the Triton kernel of :mod:`capkv.h2o_kernel` (memory ``O(T)`` per head); False:
+        the chunked PyTorch path. None (default): the kernel on CUDA when Triton imports, the
+        chunked path otherwise.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, H_kv, T) float32: per key, the causal softmax probabilities summed over the queries
+        and averaged over the query heads of its KV head.
+    """
+    keys = layer.keys
+    if fused is None:
+        fused = keys.is_cuda and _fused_kernel() is not None
+    if fused:
+        kernel = _fused_kernel()
+        if kernel is None:
+            raise ImportError("The fused H2O kernel needs Triton: pip install triton.")
+        queries = layer.queries(0).to(keys.dtype)
+        return kernel(queries, keys, layer.module.scaling) / layer.group_size
+    prompt_length = layer.prompt_length
+    scores = torch.zeros(
+        keys.shape[0], keys.shape[1], prompt_length, dtype=torch.float32, device=keys.device
+    )
+    for start in range(0, prompt_length, chunk):
+        end = min(start + chunk, prompt_length)
+        scores[..., :end] += received_attention(layer, start, end).mean(dim=2)
+    return scores

@@ -91,11 +91,16 @@ class CapKV(EvictionMethod):
         weights = self.relevance_weights(layer)[..., self.n_sink :]
         values = layer.values[:, :, self.n_sink :].float().unsqueeze(2)  # (B, H_kv, 1, T', d)
         gram = (values.transpose(-1, -2) * (weights + self.eps).unsqueeze(-2)) @ values
-        capacity = gram + torch.eye(layer.head_dim, device=values.device)  # A, (B, H_kv, G, d, d)
-        # A is symmetric positive definite (eigenvalues >= 1): invert it through Cholesky.
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(capacity))
-        leverage = ((values @ inverse) * values).sum(dim=-1)  # v_i^T A^-1 v_i
-        return weights * leverage
+        identity = torch.eye(layer.head_dim, device=values.device)
+        capacity = gram + identity  # A, (B, H_kv, G, d, d)
+        # A is symmetric positive definite (eigenvalues >= 1), so A = L L^T never fails and
+        # v^T A^-1 v = |L^-1 v|^2. One batched call each for every KV head and query head of
+        # the layer; cholesky_ex and the triangular solve never wait for the device (the
+        # checked cholesky would copy its error code to the host once per layer).
+        factor = torch.linalg.cholesky_ex(capacity).L
+        inverse_factor = torch.linalg.solve_triangular(factor, identity, upper=False)  # L^-1
+        whitened = values @ inverse_factor.transpose(-1, -2)  # rows L^-1 v_i
+        return weights * whitened.square().sum(dim=-1)
 
     def score(self, layer: LayerPrefill) -> torch.Tensor:
         return F.pad(self.ridge_leverage(layer).mean(dim=2), (self.n_sink, 0))

@@ -240,7 +240,13 @@ def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
             for c in cells
         ]
         all_metrics = run_sweep(
-            model, tokenizer, task, sweep_cells, cfg.protocol, diagnostics=cfg.diagnostics
+            model,
+            tokenizer,
+            task,
+            sweep_cells,
+            cfg.protocol,
+            diagnostics=cfg.diagnostics,
+            decode_batch=cfg.get("decode_batch"),
         )
     else:
         (cell,) = cells

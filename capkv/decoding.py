@@ -13,8 +13,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import Cache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 
 from capkv.hooks import (
     attention_layers,
@@ -128,4 +129,159 @@ def greedy_generate(
             if token in eos_token_ids:
                 break
             input_ids = torch.tensor([[token]], device=device)
+    return generated
+
+
+# Batched decoding: the cells of one example (one prompt, different kept sets) decode together.
+
+
+def check_batchable(model: PreTrainedModel) -> None:
+    """Raise if the model's attention cannot take the padding masks of a batch of caches."""
+    implementation = model.config._attn_implementation
+    if implementation not in ("sdpa", "eager"):
+        raise ValueError(
+            f"Batched decoding needs sdpa or eager attention (this model uses {implementation}, "
+            "which takes no per-token mask); pass decode_batch=false or model.attn_implementation=sdpa."
+        )
+
+
+def padded_batch_cache(caches: Sequence[Cache]) -> tuple[DynamicCache, list[torch.Tensor]]:
+    """One cache holding ``caches`` as rows of a batch, each layer right-padded to its longest.
+
+    Layers may have different lengths within a cache (PyramidKV) and across caches.
+
+    Returns
+    -------
+    tuple of (DynamicCache, list of torch.Tensor)
+        The batch cache, and per layer the (C, L) mask of real (not padding) tokens.
+    """
+    batch = DynamicCache()
+    valid = []
+    for layer_idx in range(len(caches[0].layers)):
+        layers = [cache.layers[layer_idx] for cache in caches]
+        longest = max(layer.keys.shape[-2] for layer in layers)
+
+        def padded(states: torch.Tensor, longest: int = longest) -> torch.Tensor:
+            return F.pad(states, (0, 0, 0, longest - states.shape[-2]))
+
+        keys = torch.cat([padded(layer.keys) for layer in layers])
+        values = torch.cat([padded(layer.values) for layer in layers])
+        lengths = torch.tensor([layer.keys.shape[-2] for layer in layers], device=keys.device)
+        valid.append(torch.arange(longest, device=keys.device) < lengths.unsqueeze(1))
+        batch.update(keys, values, layer_idx)
+    return batch, valid
+
+
+def padding_mask(
+    valid: torch.Tensor, new_length: int, attn_implementation: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Mask (C, 1, n, L + n) of ``n`` new tokens over a padded cache (``valid``: (C, L)) plus
+    themselves: real cached tokens and earlier new tokens are visible, padding never is."""
+    rows, cached = valid.shape
+    new = torch.ones(new_length, new_length, dtype=torch.bool, device=valid.device).tril_()
+    allowed = torch.cat(
+        [valid.unsqueeze(1).expand(rows, new_length, cached), new.expand(rows, -1, -1)], dim=-1
+    ).unsqueeze(1)
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+@contextmanager
+def padding_masks(model: PreTrainedModel, valid: list[torch.Tensor]) -> Iterator[None]:
+    """While active, attention layer ``l`` masks the padding of ``valid[l]`` (extended in place
+    by the tokens each forward appends, so the list always describes the cache)."""
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        layer_idx = module.layer_idx
+        cached_length = layer_cache(module, kwargs).get_seq_length(layer_idx)
+        if cached_length != valid[layer_idx].shape[1]:
+            raise RuntimeError(
+                f"Layer {layer_idx} holds {cached_length} cached tokens but its padding mask "
+                f"{valid[layer_idx].shape[1]}: the batch cache changed outside batched decoding."
+            )
+        hidden_states = hidden_states_of(args, kwargs)
+        new_length = hidden_states.shape[1]
+        kwargs["attention_mask"] = padding_mask(
+            valid[layer_idx],
+            new_length,
+            module.config._attn_implementation,
+            hidden_states.dtype,
+        )
+        appended = valid[layer_idx].new_ones(valid[layer_idx].shape[0], new_length)
+        valid[layer_idx] = torch.cat([valid[layer_idx], appended], dim=1)
+        return args, kwargs
+
+    with forward_hooks(attention_layers(model), pre=pre_hook):
+        yield
+
+
+@torch.inference_mode()
+def batched_greedy_generate(
+    model: PreTrainedModel,
+    caches: Sequence[Cache],
+    start_position: int,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int] = (),
+    input_ids: torch.Tensor | None = None,
+    next_token_logits: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """:func:`greedy_generate` for several caches of one prompt at once, as one padded batch.
+
+    Every cache continues the same prompt (same ``start_position``, same ``input_ids`` or
+    ``next_token_logits``) from its own kept tokens; per layer the caches are right-padded to the
+    longest and the padding masked. A row that emits a stop token leaves the batch. The tokens
+    equal :func:`greedy_generate`'s for each cache alone up to floating-point rounding (a batch
+    reduces in another order), which can flip a greedy choice at a near-tie.
+
+    Returns
+    -------
+    list of list of int
+        The generated token ids of each cache, in the order of ``caches``.
+    """
+    if (input_ids is None) == (next_token_logits is None):
+        raise ValueError(
+            "Pass exactly one of input_ids and next_token_logits to batched_greedy_generate."
+        )
+    check_batchable(model)
+    if max_new_tokens < 1:
+        return [[] for _ in caches]
+    device = model.device
+    cache, valid = padded_batch_cache(caches)
+    generated: list[list[int]] = [[] for _ in caches]
+    alive = list(range(len(caches)))  # the cache behind each row of the batch
+    position = start_position
+    if next_token_logits is not None:
+        next_token_logits = next_token_logits.view(1, -1).expand(len(caches), -1)
+    else:
+        input_ids = input_ids.to(device).expand(len(caches), -1)
+    with padding_masks(model, valid):
+        while alive:
+            if input_ids is not None:
+                n_new = input_ids.shape[1]
+                positions = torch.arange(position, position + n_new, device=device)
+                next_token_logits = run_with_cache(
+                    model,
+                    input_ids,
+                    cache,
+                    position_ids=positions.expand(len(alive), -1),
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]
+                position += n_new
+            tokens = next_token_logits.argmax(dim=-1).tolist()
+            keep = []
+            for row, (index, token) in enumerate(zip(alive, tokens, strict=True)):
+                generated[index].append(token)
+                if token not in eos_token_ids and len(generated[index]) < max_new_tokens:
+                    keep.append(row)
+            if len(keep) < len(alive):
+                rows = torch.tensor(keep, device=device, dtype=torch.long)
+                cache.batch_select_indices(rows)
+                valid[:] = [mask[rows] for mask in valid]
+                alive = [alive[row] for row in keep]
+                tokens = [tokens[row] for row in keep]
+            input_ids = torch.tensor(tokens, device=device).view(-1, 1)
     return generated

@@ -6,11 +6,15 @@ Each cell then decodes from its own cache, gathered from the one full cache, and
 same rows into the same run directory as a separate run of that cell would. Memory holds one
 full cache, the kept indices of every cell, and the cache of the cell being decoded.
 
-Cells are decoded one after the other, not as one padded batch: a batch changes the order of
-floating-point reductions (matrix-matrix instead of matrix-vector products in every linear
-layer, padded softmax rows), so a greedy token at a near-tie could differ from the separate
-run's, and the sweep must give exactly the separate runs' outputs. Decoding is a small part of
-an example's cost next to the prefill on long prompts, so little is lost.
+By default on the CPU, cells are decoded one after the other, not as one padded batch: a batch
+changes the order of floating-point reductions (matrix-matrix instead of matrix-vector products
+in every linear layer, padded softmax rows), so a greedy token at a near-tie could differ from
+the separate run's, and there the sweep gives exactly the separate runs' outputs. On a GPU,
+decoding one cell at a time leaves the device idle (batch 1 is bound by per-step overhead), so
+by default the cells of an example decode together (``decode_batch``,
+:func:`capkv.decoding.batched_greedy_generate`): their caches padded per layer and masked, in
+groups whose padding stays below half their real tokens, each row leaving its batch when it
+stops. Memory then holds the caches of a whole group at once.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from capkv.budget import Budget
+from capkv.decoding import batched_greedy_generate, check_batchable
 from capkv.diagnostics import CapacityProbe, attention_errors, decoding_queries
-from capkv.engine import gathered_cache, record_kept
+from capkv.engine import CompressionRecord, gathered_cache, record_kept
 from capkv.method import EvictionMethod
 from capkv.prompting import PromptIds
 from capkv.runner import (
@@ -36,6 +42,7 @@ from capkv.runner import (
     prefill_ids,
     prepared_examples,
     result_row,
+    stop_token_ids,
 )
 from capkv.tasks.base import Task
 
@@ -66,6 +73,85 @@ def measure(
     ]
 
 
+MAX_PADDING = 0.5  # a decoding group's padding at most this fraction of its real tokens
+
+
+def decoding_groups(records: list[CompressionRecord]) -> list[list[int]]:
+    """Indices of ``records`` in groups to decode as one batch each, longest caches first.
+
+    A cell joins the current group while the group's padded cache (every layer as long as its
+    longest member's) stays within ``1 + MAX_PADDING`` times its real tokens, so a full-cache
+    cell does not pad every compressed cell to the whole prompt.
+    """
+    lengths = [record.kept_per_layer() for record in records]
+    order = sorted(range(len(records)), key=lambda i: -sum(lengths[i]))
+    groups: list[list[int]] = []
+    for index in order:
+        if groups:
+            members = [*groups[-1], index]
+            longest = [max(layer) for layer in zip(*(lengths[i] for i in members), strict=True)]
+            padded = len(members) * sum(longest)
+            if padded <= (1 + MAX_PADDING) * sum(sum(lengths[i]) for i in members):
+                groups[-1].append(index)
+                continue
+        groups.append([index])
+    return groups
+
+
+def decode_together(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    caches: list[DynamicCache],
+    prompt: PromptIds,
+    protocol: str,
+    last_logits: torch.Tensor,
+    max_new_tokens: int,
+) -> list[str]:
+    """:func:`capkv.runner.decode` for several caches of one prompt, as one batch."""
+    stops = stop_token_ids(model, tokenizer)
+    if protocol == "query_aware":
+        generated = batched_greedy_generate(
+            model, caches, prompt.length, max_new_tokens, stops, next_token_logits=last_logits
+        )
+    else:
+        generated = batched_greedy_generate(
+            model,
+            caches,
+            prompt.context_ids.shape[1],
+            max_new_tokens,
+            stops,
+            input_ids=prompt.question_ids,
+        )
+    return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in generated]
+
+
+def decode_alone(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    caches: list[DynamicCache],
+    prompt: PromptIds,
+    protocol: str,
+    last_logits: torch.Tensor,
+    max_new_tokens: int,
+) -> list[str]:
+    """:func:`capkv.runner.decode` of the one cache in ``caches`` (a group of one)."""
+    (cache,) = caches
+    return [decode(model, tokenizer, cache, prompt, protocol, last_logits, max_new_tokens)]
+
+
+def uses_batched_decoding(model: PreTrainedModel, decode_batch: bool | None) -> bool:
+    """``decode_batch``, or by default: on CUDA where the attention takes padding masks."""
+    if decode_batch is None:
+        try:
+            check_batchable(model)
+        except ValueError:
+            return False
+        return model.device.type == "cuda"
+    if decode_batch:
+        check_batchable(model)
+    return decode_batch
+
+
 @dataclass
 class SweepCell:
     """One (method, budget) cell of a sweep and the run directory it writes."""
@@ -82,16 +168,19 @@ def run_sweep(
     cells: list[SweepCell],
     protocol: str,
     diagnostics: bool = False,
+    decode_batch: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Run every example that some cell has not finished; return each cell's metrics.
 
     Per example: one prefill records the kept tokens of the cells still to do, then each of
-    those cells decodes from its gathered cache and appends its row. With ``diagnostics``, each
+    those cells decodes from its gathered cache (one by one, or with ``decode_batch`` in padded
+    batches; None: batched on CUDA only) and appends its row. With ``diagnostics``, each
     row also holds the retained capacity fraction and the attention-output error of its kept
     set (:mod:`capkv.diagnostics`). The cells' logs name one shard of examples (all of them
     by default); only its examples run, each for every cell.
     """
     check_protocol(protocol)
+    batched = uses_batched_decoding(model, decode_batch)
     (shard,) = {cell.log.shard for cell in cells}
     plan = prepared_examples(model, tokenizer, task, shard)
     try:
@@ -117,20 +206,23 @@ def run_sweep(
                 last_logits = prefill(model, prefill_ids(prompt, protocol), full_cache)
             measured = measure(model, full_cache, prompt, protocol, last_logits, records, probe)
             prefill_seconds = (time.perf_counter() - start) / len(pending)
-            for index, (cell, record) in enumerate(zip(pending, records, strict=True)):
+            outputs = {}  # cell index: (prediction, decoding seconds)
+            groups = decoding_groups(records) if batched else [[i] for i in range(len(pending))]
+            for group in groups:
                 start = time.perf_counter()
-                cell_cache = gathered_cache(full_cache, record)
-                prediction = decode(
-                    model,
-                    tokenizer,
-                    cell_cache,
-                    prompt,
-                    protocol,
-                    last_logits,
-                    example.max_new_tokens,
+                caches = [gathered_cache(full_cache, records[i]) for i in group]
+                decode_group = decode_together if batched else decode_alone
+                predictions = decode_group(
+                    model, tokenizer, caches, prompt, protocol, last_logits, example.max_new_tokens
                 )
-                seconds = prefill_seconds + time.perf_counter() - start
-                row = result_row(task, example, prompt, prediction, record, seconds)
+                del caches
+                seconds = (time.perf_counter() - start) / len(group)
+                outputs.update({i: (p, seconds) for i, p in zip(group, predictions, strict=True)})
+            for index, (cell, record) in enumerate(zip(pending, records, strict=True)):
+                prediction, seconds = outputs[index]
+                row = result_row(
+                    task, example, prompt, prediction, record, prefill_seconds + seconds
+                )
                 if measured is not None:
                     row["diagnostics"] = measured[index]
                 cell.log.append(row)

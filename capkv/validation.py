@@ -292,6 +292,12 @@ def check_config(cfg: DictConfig) -> None:
             f"diagnostics={shown(plain.get('diagnostics'))} is not true or false; pass "
             "diagnostics=true or diagnostics=false."
         )
+    if plain.get("decode_batch") is not None and not isinstance(plain["decode_batch"], bool):
+        raise ValueError(
+            f"decode_batch={shown(plain.get('decode_batch'))} is not true, false or null; pass "
+            "decode_batch=true (batched), decode_batch=false (one by one) or decode_batch=null "
+            "(batched on CUDA only)."
+        )
     if not isinstance(plain.get("protocol"), str):
         raise ValueError(f"protocol={shown(plain.get('protocol'))} is not a protocol name.")
     check_protocol(plain["protocol"])

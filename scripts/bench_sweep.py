@@ -18,6 +18,9 @@ their ratios, and checks that sweep mode wrote exactly the separate runs' predic
     .venv/bin/python scripts/bench_sweep.py [--tokens 4096] [--depths 50]
 
 Target (issue 4): sweep mode at least 8x faster than separate runs and than kvpress.
+
+With ``--decode-batch`` it times sweep mode twice instead, its cells decoded one by one and as
+padded batches (``decode_batch=true``), and says whether the predictions are identical.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def identity(name: str, budget: Budget) -> dict[str, str]:
     }
 
 
-def time_sweep(model, tokenizer, task, folder: Path) -> float:
+def time_sweep(model, tokenizer, task, folder: Path, decode_batch: bool = False) -> float:
     cells = [
         SweepCell(
             method, Budget(ratio=r), CellLog(folder / f"{n}-{r}", identity(n, Budget(ratio=r)))
@@ -84,7 +87,7 @@ def time_sweep(model, tokenizer, task, folder: Path) -> float:
         for r in RATIOS
     ]
     start = time.perf_counter()
-    run_sweep(model, tokenizer, task, cells, PROTOCOL)
+    run_sweep(model, tokenizer, task, cells, PROTOCOL, decode_batch=decode_batch)
     return time.perf_counter() - start
 
 
@@ -130,11 +133,44 @@ def warm_up(model, eager_model, tokenizer, task) -> None:
             prefill(runner, prefill_ids(prompt, PROTOCOL), DynamicCache())
 
 
+def same_predictions(first: Path, second: Path) -> bool:
+    return all(
+        [r["prediction"] for r in finished_rows(p)]
+        == [r["prediction"] for r in finished_rows(second / p.name)]
+        for p in first.iterdir()
+    )
+
+
+def compare_decoding(tokens: int, depths: list[float]) -> None:
+    """Sweep mode with one-by-one and with batched decoding of its 20 cells."""
+    model, tokenizer = load_model("smollm2-135m", dtype="float32", attn_implementation="sdpa")
+    task = NeedleTask(context_lengths=[tokens], depths=depths)
+    _, prompt = prepared_examples(model, tokenizer, task).prepared[0]
+    with torch.inference_mode():
+        prefill(model, prefill_ids(prompt, PROTOCOL), DynamicCache())  # warm-up
+    with tempfile.TemporaryDirectory() as tmp:
+        alone = time_sweep(model, tokenizer, task, Path(tmp, "alone"))
+        batched = time_sweep(model, tokenizer, task, Path(tmp, "batched"), decode_batch=True)
+        same = same_predictions(Path(tmp, "alone"), Path(tmp, "batched"))
+    print(f"\nSmolLM2-135M-Instruct, needle at {tokens} tokens, {len(depths)} example(s), 20 cells")
+    print("| sweep mode | wall time (s) |\n|---|---:|")
+    print(
+        f"| cells decoded one by one | {alone:.1f} |\n| cells decoded as batches | {batched:.1f} |"
+    )
+    print(f"\nbatched predictions identical to one by one: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="needle context length")
     parser.add_argument("--depths", type=float, nargs="+", default=[50.0])
+    parser.add_argument(
+        "--decode-batch", action="store_true", help="time one-by-one against batched decoding"
+    )
     args = parser.parse_args()
+    if args.decode_batch:
+        compare_decoding(args.tokens, args.depths)
+        return
     model, tokenizer = load_model("smollm2-135m", dtype="float32", attn_implementation="sdpa")
     eager_model, _ = load_model("smollm2-135m", dtype="float32", attn_implementation="eager")
     task = NeedleTask(context_lengths=[args.tokens], depths=args.depths)
@@ -142,11 +178,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sweep_seconds = time_sweep(model, tokenizer, task, Path(tmp, "sweep"))
         separate_seconds = time_separate(model, tokenizer, task, Path(tmp, "separate"))
-        same = all(
-            [r["prediction"] for r in finished_rows(p)]
-            == [r["prediction"] for r in finished_rows(Path(tmp, "separate", p.name))]
-            for p in Path(tmp, "sweep").iterdir()
-        )
+        same = same_predictions(Path(tmp, "sweep"), Path(tmp, "separate"))
     kvpress_seconds = time_kvpress(model, eager_model, tokenizer, task)
     n_examples = len(args.depths)
     print(

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import DynamicCache, PreTrainedTokenizerFast
+import os
 
-from capkv.engine import prefill_state
-from capkv.hooks import attention_layers, forward_hooks, rotary_embedding, run_with_cache
-from capkv.layer import LayerPrefill
-from capkv.models import build_tiny_model
-from capkv.tasks.haystack import essay_files
+# Triton kernels run on the CPU (tests/test_h2o_kernel.py). Triton reads this when it is first
+# imported (transformers may import it through torch), so it is set before anything else.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import DynamicCache, PreTrainedTokenizerFast  # noqa: E402
+
+from capkv.engine import prefill_state  # noqa: E402
+from capkv.hooks import attention_layers, forward_hooks, rotary_embedding, run_with_cache  # noqa: E402
+from capkv.layer import LayerPrefill  # noqa: E402
+from capkv.models import build_tiny_model  # noqa: E402
+from capkv.tasks.haystack import essay_files  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,7 @@ BAD_INPUTS = [
     ("max_examples zero", ["max_examples=0"], "max_examples=0 is not positive"),
     ("max_examples fraction", ["max_examples=2.5"], "max_examples=2.5 is not a whole number"),
     ("diagnostics not boolean", ["diagnostics=maybe"], "diagnostics='maybe'"),
+    ("decode_batch not boolean", ["decode_batch=1"], "decode_batch=1 is not true, false"),
     ("variant with a slash", ["variant=a/b"], "variant='a/b'"),
     ("misspelt key", ["buget=5"], "unknown config key 'buget'; did you mean budget?"),
     ("hyperparameter not a number", ["method.tau=abc"], "method.tau='abc' is not a number"),
