@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from baselines import SnapKV
-from capkv import Budget, CapKV, evict, greedy_generate
+from capkv import Budget, CapKV, evict, greedy_generate, log_det_capacity
 from capkv.allocation import PADDING, head_floor, padded_indices, pooled_selection
 from capkv.decoding import head_causal_mask, per_layer_masks, set_head_mask
 from capkv.engine import gathered_cache, record_kept
@@ -226,3 +226,69 @@ def test_allocation_figure_draws_capkv_beside_pyramidkv(tmp_path, gqa_model):
     assert heat.get_xlabel() == "KV head" and heat.get_ylabel() == "layer"
     assert _colour_bar.get_ylabel() == "tokens kept" and heat.get_title()
     assert (tmp_path / "allocation.png").stat().st_size > 0
+
+
+def attend(query, keys, values, scaling):
+    return torch.softmax(query @ keys.T * scaling, -1) @ values
+
+
+@torch.no_grad()
+def test_diagnostics_count_only_each_heads_own_tokens(gqa_model):
+    from capkv.diagnostics import CapacityProbe, attention_errors, decoding_queries
+
+    model, _ = gqa_model
+    input_ids = random_prompt(model.config.vocab_size, PROMPT, seed=10)
+    probe, full = CapacityProbe(1), DynamicCache()
+    selections = [(CapKV(allocation="model"), Budget(tokens=40))]
+    with torch.no_grad(), record_kept(model, selections, probe.on_layer) as records:
+        logits = run_with_cache(model, input_ids, full).logits[0, -1]
+        states = capture_prefill(model, input_ids)
+        queries = decoding_queries(model, full, logits.argmax().view(1, 1), PROMPT)
+        (error,) = attention_errors(model, full, queries, records)
+    (record,) = records
+    fractions, errors = [], []
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    for layer_idx, state in enumerate(states):
+        kept = record.kept[layer_idx]
+        real = [row[row >= 0] for row in kept[0]]
+        weights = CapKV().relevance_weights(state)[0]  # (H_kv, G, T), per query head
+        values = state.values[0]
+        fractions.append(
+            sum(
+                float(
+                    log_det_capacity(values[kv, rows], weights[kv, g, rows])
+                    / log_det_capacity(values[kv], weights[kv, g])
+                )
+                for kv, rows in enumerate(real)
+                for g in range(group)
+            )
+            / (len(real) * group)
+        )
+        keys, values = full.layers[layer_idx].keys[0], full.layers[layer_idx].values[0]
+        outputs, references = [], []
+        for head in range(model.config.num_attention_heads):
+            query, kv = queries[layer_idx][0, head], head // group
+            scaling = model.model.layers[layer_idx].self_attn.scaling
+            rows = real[kv]
+            outputs.append(attend(query, keys[kv, rows], values[kv, rows], scaling))
+            references.append(attend(query, keys[kv], values[kv], scaling))
+        outputs, references = torch.stack(outputs), torch.stack(references)
+        errors.append(float((outputs - references).norm() / references.norm()))
+    assert abs(probe.mean(0) - sum(fractions) / len(fractions)) < 1e-5
+    assert abs(error - sum(errors) / len(errors)) < 1e-5
+
+
+def test_a_folder_written_before_allocations_existed_resumes(tmp_path):
+    """A stored config without the allocation keys matches their defaults, not other values."""
+    from omegaconf import OmegaConf
+
+    from capkv.cli import check_same_config
+    from capkv.results import CONFIG
+
+    old = {"_target_": "capkv.CapKV", "tau": 5.0, "n_future": 512, "n_sink": 4, "eps": 1e-6}
+    stored = {"model": {"name": "m"}, "task": {"name": "t"}, "method": old}
+    (tmp_path / CONFIG).write_text(OmegaConf.to_yaml(stored))
+    now = {**old, "allocation": "uniform", "floor": 0.2, "rounds": 1}
+    check_same_config(tmp_path, {**stored, "method": now})
+    with pytest.raises(ValueError, match="differs in method.allocation"):
+        check_same_config(tmp_path, {**stored, "method": {**now, "allocation": "adaptive"}})
