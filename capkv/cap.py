@@ -58,7 +58,8 @@ class CapKV(EvictionMethod):
         1: one-shot leverage against the whole pool. More: a backward greedy on the log-det in
         ``rounds`` steps, each removing an equal share of the tokens to remove by removal cost
         recomputed against the tokens still kept (one-shot leverage against the whole pool
-        underestimates the cost of a token once many of its neighbours are gone).
+        underestimates the cost of a token once many of its neighbours are gone); each pool
+        keeps the iterative set only where it retains at least the one-shot set's capacity.
     """
 
     tau: float = 5.0
