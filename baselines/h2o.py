@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -31,12 +32,21 @@ class H2O(EvictionMethod):
         Recent tokens always kept.
     chunk : int
         Queries per chunk of the PyTorch path (memory versus speed only).
+    allocation, floor
+        See :class:`~capkv.method.EvictionMethod`. Under ``allocation=adaptive`` the scores of
+        all KV heads are ranked together as they are: each is attention mass summed over the
+        same prompt queries, and every head gives each query a mass of 1 (Ada-KV's choice).
     """
+
+    comparable_across_heads: ClassVar[str | None] = (
+        "attention mass summed over the same queries, a mass of 1 per query in every head"
+    )
 
     window: int = 32
     chunk: int = 128
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.window < 0:
             raise ValueError(f"H2O window must be >= 0, got {self.window}.")
         if self.chunk < 1:

@@ -52,8 +52,9 @@ class PyramidKV(SnapKV):
     ----------
     beta : int
         Pyramid steepness: the top layer keeps ``(budget - window) // beta`` selected tokens.
-    window, kernel, pooling
-        As in SnapKV.
+    window, kernel, pooling, allocation, floor
+        As in SnapKV; under ``allocation=adaptive`` each layer's pyramid budget
+        (``H_kv x`` its schedule) goes to the best SnapKV scores of all its KV heads together.
     """
 
     beta: int = 20

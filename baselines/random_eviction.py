@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -24,7 +25,12 @@ class RandomEviction(EvictionMethod):
         Seed of the draws.
     n_sink, window : int
         First and last tokens always kept (0 for a pure random control).
+    allocation, floor
+        See :class:`~capkv.method.EvictionMethod`; under ``allocation=adaptive`` the draws of
+        all heads, identically distributed, are ranked together (random per-head budgets).
     """
+
+    comparable_across_heads: ClassVar[str | None] = "independent uniform draws in every head"
 
     seed: int = 0
     n_sink: int = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +34,23 @@ class SnapKV(EvictionMethod):
     pooling : str
         "max" (the SnapKV and PyramidKV LongBench configs) or "avg" (kvpress; zero padding
         counted in the mean at the edges).
+    allocation, floor
+        See :class:`~capkv.method.EvictionMethod`. Under ``allocation=adaptive`` the scores of
+        all KV heads are ranked together as they are (Ada-KV's choice): each is the attention
+        mass a token receives, averaged over window queries, and every head's softmax spreads
+        the same mass of 1 per query, so the scores are comparable across heads.
     """
+
+    comparable_across_heads: ClassVar[str | None] = (
+        "attention mass: every head's softmax gives each query a mass of 1 to spread"
+    )
 
     window: int = 32
     kernel: int = 7
     pooling: str = "max"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.window < 1:
             raise ValueError(f"{type(self).__name__} window must be >= 1 token, got {self.window}.")
         if self.kernel < 1 or self.kernel % 2 == 0:

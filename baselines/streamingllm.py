@@ -22,11 +22,14 @@ class StreamingLLM(EvictionMethod):
     ----------
     n_sink : int
         Initial tokens always kept.
+
+    It has no scores (recency only), so only ``allocation=uniform`` is possible.
     """
 
     n_sink: int = 4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.n_sink < 0:
             raise ValueError(f"StreamingLLM n_sink must be >= 0, got {self.n_sink}.")
 

@@ -24,7 +24,8 @@ def log_det_capacity(
     weights : torch.Tensor
         Relevance weights (..., T), non-negative.
     kept : torch.Tensor, optional
-        Indices (..., n) of the kept set C; all T tokens when None.
+        Indices (..., n) of the kept set C; all T tokens when None. Padding slots (index -1,
+        :data:`capkv.allocation.PADDING`) hold no token.
 
     Returns
     -------
@@ -32,8 +33,10 @@ def log_det_capacity(
         The capacity (...), in nats, as float64.
     """
     if kept is not None:
+        present = kept >= 0
+        kept = kept.clamp(min=0)
         values = values.gather(-2, kept.unsqueeze(-1).expand(*kept.shape, values.shape[-1]))
-        weights = weights.gather(-1, kept)
+        weights = weights.gather(-1, kept) * present
     scaled = values * weights.clamp_min(0).sqrt().unsqueeze(-1).to(values.dtype)
     # The d x d Gram matrix is accumulated in the input's precision (pass float64 values for
     # exact references); the log-determinant of the small matrix runs in float64.

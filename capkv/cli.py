@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate, to_absolute_path
+from hydra.utils import get_class, instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
@@ -40,7 +41,7 @@ from capkv.runner import (
 from capkv.shards import Shard
 from capkv.sweep import SweepCell, run_sweep
 from capkv.tasks.base import capped
-from capkv.validation import check_config
+from capkv.validation import check_allocation, check_config
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,11 @@ def choose_budget(cfg: DictConfig, method: EvictionMethod) -> Budget | None:
 
 
 def check_same_config(run_dir: Path, resolved: dict[str, Any]) -> None:
-    """A directory holding results of other settings is never silently extended."""
+    """A directory holding results of other settings is never silently extended.
+
+    A setting the stored config lacks (added to the project after that folder was written)
+    matches its default value.
+    """
     stored = stored_config(run_dir)
     if stored is None:
         return
@@ -120,13 +125,28 @@ def check_same_config(run_dir: Path, resolved: dict[str, Any]) -> None:
         f"{section}.{key}"
         for section in ("model", "method", "task")
         for key in sorted(set(stored.get(section, {})) | set(resolved[section]))
-        if key != "max_examples" and stored[section].get(key) != resolved[section].get(key)
+        if key != "max_examples"
+        and stored[section].get(key, field_default(resolved[section], key))
+        != resolved[section].get(key)
     ]
     if differing:
         raise ValueError(
             f"{run_dir} holds results of other settings (differs in {', '.join(differing)}); "
             "pass variant=NAME to write them elsewhere, or delete that folder."
         )
+
+
+def field_default(node: dict[str, Any], key: str) -> Any:
+    """The default of setting ``key`` of the dataclass a config node's ``_target_`` builds (None
+    if it has none)."""
+    try:
+        cls = get_class(node["_target_"])
+    except Exception:
+        return None
+    for field in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+        if field.name == key and field.default is not dataclasses.MISSING:
+            return field.default
+    return None
 
 
 @dataclass
@@ -188,6 +208,7 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
     for name in names:
         method_cfg = method_config(cfg, name, choices["method"])
         method: EvictionMethod = instantiate(method_cfg)
+        check_allocation(method, cfg.model.attn_implementation)
         budgets = planned_budgets(cfg, method) if sweeping else [choose_budget(cfg, method)]
         for budget in budgets:
             method_name = name + (f"-{cfg.variant}" if cfg.variant else "")

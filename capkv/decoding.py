@@ -5,6 +5,12 @@ After eviction each layer's cache is shorter than the prompt, and with per-layer
 layers from layer 0 and the cache position. The pre-hooks here replace that mask in every
 attention layer with one built from the layer's own cache length: new tokens see the whole
 kept cache and each other causally. Positions (RoPE) keep counting the uncompressed prompt.
+
+With a head-adaptive allocation the KV heads of one layer keep different numbers of tokens: the
+layer's cache is padded to its largest head and holds a per-head mask of its real tokens
+(:func:`set_head_mask`); the mask built for that layer then also hides each head's padding from
+every query head of its group (eager and sdpa; other attention kernels cannot take a per-head
+mask and are refused).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
 
+from capkv.allocation import is_ragged, kept_mask
 from capkv.hooks import (
     attention_layers,
     forward_hooks,
@@ -47,11 +54,79 @@ def layer_causal_mask(
     )
 
 
+HEAD_MASKING = ("eager", "sdpa")  # attention implementations that take a per-head mask
+HEAD_MASK = "capkv_head_mask"  # attribute of a cache layer whose KV heads keep different counts
+
+
+def check_head_masking(attn_implementation: str) -> None:
+    """Refuse an attention implementation that cannot mask each KV head's own kept tokens."""
+    if attn_implementation not in HEAD_MASKING:
+        raise ValueError(
+            f"attn_implementation={attn_implementation} cannot mask each KV head's own kept "
+            "tokens, which a head-adaptive allocation needs; use model.attn_implementation=sdpa "
+            "(or eager), or method.allocation=uniform."
+        )
+
+
+def set_head_mask(cache_layer, indices: torch.Tensor) -> None:
+    """Mark which slots of a cache layer gathered by ``indices`` (B, H_kv, n) hold real tokens.
+
+    Nothing is marked when every KV head keeps ``n`` tokens.
+    """
+    if is_ragged(indices):
+        setattr(cache_layer, HEAD_MASK, kept_mask(indices))
+    elif hasattr(cache_layer, HEAD_MASK):
+        delattr(cache_layer, HEAD_MASK)
+
+
+def head_causal_mask(
+    head_mask: torch.Tensor,
+    cached_length: int,
+    new_length: int,
+    group_size: int,
+    attn_implementation: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Mask (B, H, new, cached + new) of ``new_length`` queries over a padded cache.
+
+    ``head_mask`` (B, H_kv, n) marks the real tokens of the first ``n`` cached slots; slots after
+    them (tokens decoded since) are real in every head. Each KV head's row is repeated for the
+    ``group_size`` query heads that read it.
+    """
+    check_head_masking(attn_implementation)
+    device = head_mask.device
+    bsz, _, padded = head_mask.shape
+    total = cached_length + new_length
+    rows = torch.arange(new_length, device=device).unsqueeze(1)
+    causal = torch.arange(total, device=device).unsqueeze(0) <= rows + cached_length
+    present = torch.ones(bsz, head_mask.shape[1], total, dtype=torch.bool, device=device)
+    present[..., :padded] = head_mask
+    allowed = causal.view(1, 1, new_length, total) & present.unsqueeze(2)
+    allowed = allowed.repeat_interleave(group_size, dim=1)
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
 def _mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    cached_length = layer_cache(module, kwargs).get_seq_length(module.layer_idx)
+    cache = layer_cache(module, kwargs)
+    cached_length = cache.get_seq_length(module.layer_idx)
     if cached_length == 0:
         return args, kwargs
     hidden_states = hidden_states_of(args, kwargs)
+    head_mask = getattr(cache.layers[module.layer_idx], HEAD_MASK, None)
+    if head_mask is not None:
+        kwargs["attention_mask"] = head_causal_mask(
+            head_mask,
+            cached_length,
+            hidden_states.shape[1],
+            module.config.num_attention_heads // module.config.num_key_value_heads,
+            module.config._attn_implementation,
+            hidden_states.dtype,
+        )
+        return args, kwargs
     kwargs["attention_mask"] = layer_causal_mask(
         cached_length,
         hidden_states.shape[1],

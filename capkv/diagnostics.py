@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import Cache, PreTrainedModel
 
+from capkv.allocation import kept_mask
 from capkv.cap import CapKV
 from capkv.capacity import log_det_capacity
 from capkv.engine import CompressionRecord, gather_tokens
@@ -89,9 +90,18 @@ def decoding_queries(
     return queries
 
 
-def _attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float):
-    """Attention output (B, H_kv, G, n, d) of grouped queries over every given key."""
+def _attend(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float,
+    present: torch.Tensor | None = None,
+):
+    """Attention output (B, H_kv, G, n, d) of grouped queries over the given keys; ``present``
+    (B, H_kv, n_keys) hides padding slots of heads that keep fewer tokens."""
     logits = (queries @ keys.unsqueeze(2).transpose(-1, -2)) * scaling
+    if present is not None:
+        logits = logits.masked_fill(~present[:, :, None, None, :], float("-inf"))
     return logits.softmax(dim=-1) @ values.unsqueeze(2)
 
 
@@ -116,7 +126,11 @@ def attention_errors(
                 continue
             kept = record.kept[layer_idx]
             output = _attend(
-                grouped, gather_tokens(keys, kept), gather_tokens(values, kept), module.scaling
+                grouped,
+                gather_tokens(keys, kept),
+                gather_tokens(values, kept),
+                module.scaling,
+                kept_mask(kept),
             )
             layer_errors.append(float((output - full).norm() / full.norm()))
     return [sum(e) / len(e) for e in errors]

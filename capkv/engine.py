@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
 
+from capkv.allocation import kept_mask
 from capkv.budget import Budget
-from capkv.decoding import per_layer_masks
+from capkv.decoding import check_head_masking, per_layer_masks, set_head_mask
 from capkv.hooks import (
     attention_layers,
     decoder,
@@ -42,7 +43,9 @@ class CompressionRecord:
     prompt_length : int
         Tokens in the prefill (0 until a prefill ran).
     kept : dict[int, torch.Tensor]
-        Per layer, the sorted kept indices (B, H_kv, n); a layer left whole is absent.
+        Per layer, the sorted kept indices (B, H_kv, n); a layer left whole is absent. Where
+        the KV heads keep different numbers of tokens (a head-adaptive allocation), each head's
+        row is padded with -1 to the layer's largest head, ``n``.
     num_layers : int
         Number of decoder layers.
     """
@@ -51,8 +54,30 @@ class CompressionRecord:
     prompt_length: int = 0
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def kept_per_layer(self) -> list[int]:
-        """Tokens kept per KV head in each layer."""
+    def kept_per_head(self) -> list[list[int]] | None:
+        """Real tokens kept by every KV head of every layer (first batch row); None before a
+        compressing prefill."""
+        if not self.kept:
+            return None
+        num_kv_heads = next(iter(self.kept.values())).shape[1]
+        return [
+            kept_mask(self.kept[i][0]).sum(dim=-1).tolist()
+            if i in self.kept
+            else [self.prompt_length] * num_kv_heads
+            for i in range(self.num_layers)
+        ]
+
+    def kept_per_layer(self) -> list[int | float]:
+        """Real tokens kept per KV head in each layer (the mean over its heads: a whole number
+        unless the allocation moved tokens between layers)."""
+        per_head = self.kept_per_head()
+        if per_head is None:
+            return [self.prompt_length] * self.num_layers
+        means = [sum(heads) / len(heads) for heads in per_head]
+        return [int(mean) if mean.is_integer() else round(mean, 2) for mean in means]
+
+    def padded_per_layer(self) -> list[int]:
+        """Cache slots per KV head in each layer: the largest head's count (padding included)."""
         return [
             int(self.kept[i].shape[-1]) if i in self.kept else self.prompt_length
             for i in range(self.num_layers)
@@ -90,8 +115,11 @@ def prefill_state(
 
 
 def gather_tokens(states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Select tokens (B, H_kv, n) from cached states (B, H_kv, T, d)."""
-    expanded = indices.unsqueeze(-1).expand(-1, -1, -1, states.shape[-1])
+    """Select tokens (B, H_kv, n) from cached states (B, H_kv, T, d).
+
+    A padding slot (index -1) receives a copy of token 0; attention masks it out.
+    """
+    expanded = indices.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, states.shape[-1])
     return states.gather(2, expanded).contiguous()
 
 
@@ -113,13 +141,16 @@ def resolve_budget(
 
 @contextmanager
 def after_each_prefill(
-    model: PreTrainedModel, callback: Callable[[LayerPrefill, Cache], None]
+    model: PreTrainedModel,
+    callback: Callable[[LayerPrefill, Cache], None],
+    on_prefill_end: Callable[[], None] | None = None,
 ) -> Iterator[None]:
     """Call ``callback(state, cache)`` after every attention layer's prefill inside this context.
 
     ``state`` is the layer's :class:`LayerPrefill` (its full cache, hidden states and rotary
     tables) and ``cache`` the cache it wrote into; forwards that are not prefills (decoding
-    steps) are left alone. The callback runs without autograd.
+    steps) are left alone. ``on_prefill_end()``, if given, runs once every layer of a prefill
+    has. The callbacks run without autograd.
 
     Never silent: the first forward of the model inside the context must be a prefill in every
     attention layer, and any later prefill too; otherwise :class:`TransformersMismatch` is
@@ -153,6 +184,9 @@ def after_each_prefill(
                 "prefill into a new, empty DynamicCache inside the context; if you did, install "
                 "a tested transformers release",
             )
+        if prefilled and on_prefill_end is not None:
+            with torch.no_grad():
+                on_prefill_end()
         return output
 
     with (
@@ -187,22 +221,47 @@ def evict(
     ------
     CompressionRecord
         Filled by the prefill: the prompt length and the kept indices of every layer.
+
+    Under ``allocation=model`` every layer's cache stays whole until the last layer's prefill,
+    then all are compressed together.
     """
     check_supported(model)
     resolved = resolve_budget(method, budget, ratio)
+    check_allocation(model, method)
     record = CompressionRecord(num_layers=len(attention_layers(model)))
+    deferred: list[tuple[LayerPrefill, Cache]] = []
 
-    def compress(state: LayerPrefill, cache: Cache) -> None:
-        record.prompt_length = state.prompt_length
-        indices = None if resolved is None else method.kept_indices(state, resolved)
+    def write(state: LayerPrefill, cache: Cache, indices: torch.Tensor | None) -> None:
         if indices is not None:
             cache_layer = cache.layers[state.layer_idx]
             cache_layer.keys = gather_tokens(state.keys, indices)
             cache_layer.values = gather_tokens(state.values, indices)
+            set_head_mask(cache_layer, indices)
             record.kept[state.layer_idx] = indices
 
-    with after_each_prefill(model, compress), per_layer_masks(model):
+    def compress(state: LayerPrefill, cache: Cache) -> None:
+        record.prompt_length = state.prompt_length
+        if resolved is not None and method.model_wide:
+            deferred.append((state, cache))
+            return
+        write(state, cache, None if resolved is None else method.kept_indices(state, resolved))
+
+    def compress_all() -> None:
+        if not deferred:
+            return
+        kept = method.select_model_wide([state for state, _ in deferred], resolved)
+        for (state, cache), indices in zip(deferred, kept, strict=True):
+            write(state, cache, indices)
+        deferred.clear()
+
+    with after_each_prefill(model, compress, compress_all), per_layer_masks(model):
         yield record
+
+
+def check_allocation(model: PreTrainedModel, method: EvictionMethod) -> None:
+    """A head-adaptive allocation needs an attention implementation that masks per head."""
+    if method.allocation != "uniform":
+        check_head_masking(model.config._attn_implementation)
 
 
 @contextmanager
@@ -218,25 +277,45 @@ def record_kept(
     layer attends over its full cache before the eviction hook runs), so one prefill decides the
     kept tokens of every pair. Each method scores a layer once, whatever its number of budgets.
     Gather a pair's cache with :func:`gathered_cache`. ``on_layer(state, kept)``, if given, sees
-    every layer's prefill state with the kept indices of every pair (None: all kept).
+    every layer's prefill state with the kept indices of every pair (None: all kept). With a
+    pair under ``allocation=model``, the layers' prefill states are held until the end of the
+    prefill, when that pair chooses every layer together and ``on_layer`` sees every layer.
     """
     records = [CompressionRecord(num_layers=len(attention_layers(model))) for _ in selections]
+    for method, _ in selections:
+        check_allocation(model, method)
+    model_wide = any(budget is not None and m.model_wide for m, budget in selections)
+    states: list[LayerPrefill] = []
 
     def record(state: LayerPrefill, cache: Cache) -> None:
         scores: dict[int, torch.Tensor] = {}
         for (method, budget), cell_record in zip(selections, records, strict=True):
             cell_record.prompt_length = state.prompt_length
-            if budget is None or method.kept_count(state, budget) is None:
+            if budget is None or method.model_wide or method.kept_count(state, budget) is None:
                 continue
             if id(method) not in scores:
                 scores[id(method)] = method.score(state)
             cell_record.kept[state.layer_idx] = method.kept_indices(
                 state, budget, scores=scores[id(method)]
             )
-        if on_layer is not None:
+        if model_wide:
+            states.append(state)
+        elif on_layer is not None:
             on_layer(state, [cell_record.kept.get(state.layer_idx) for cell_record in records])
 
-    with after_each_prefill(model, record):
+    def finish() -> None:
+        for (method, budget), cell_record in zip(selections, records, strict=True):
+            if budget is not None and method.model_wide:
+                kept = method.select_model_wide(states, budget)
+                for state, indices in zip(states, kept, strict=True):
+                    if indices is not None:
+                        cell_record.kept[state.layer_idx] = indices
+        if on_layer is not None:
+            for state in states:
+                on_layer(state, [cell_record.kept.get(state.layer_idx) for cell_record in records])
+        states.clear()
+
+    with after_each_prefill(model, record, finish if model_wide else None):
         yield records
 
 
@@ -250,4 +329,6 @@ def gathered_cache(full_cache: Cache, record: CompressionRecord) -> DynamicCache
             keys = gather_tokens(keys, record.kept[layer_idx])
             values = gather_tokens(values, record.kept[layer_idx])
         cache.update(keys, values, layer_idx)
+        if layer_idx in record.kept:
+            set_head_mask(cache.layers[layer_idx], record.kept[layer_idx])
     return cache

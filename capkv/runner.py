@@ -151,6 +151,8 @@ def result_row(
         "scores": task.score(prediction, example),
         "prompt_tokens": prompt.length,
         "kept_tokens_per_layer": record.kept_per_layer(),
+        "kept_tokens_per_head": record.kept_per_head(),
+        "padded_tokens_per_layer": record.padded_per_layer(),
         "seconds": round(seconds, 3),
         "metadata": example.metadata,
     }

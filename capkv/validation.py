@@ -21,6 +21,9 @@ import torch
 from hydra.utils import get_class, instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from capkv.decoding import check_head_masking
+from capkv.method import EvictionMethod
+from capkv.models import resolve_attn_implementation
 from capkv.runner import check_protocol
 
 
@@ -247,6 +250,14 @@ def check_against_target(prefix: str, node: dict[str, Any]) -> None:
                 f"{prefix}.{key}={shown(value)} is not {type_name(hint)}; pass "
                 f"{type_name(hint)}{example}."
             )
+
+
+def check_allocation(method: EvictionMethod, attn_implementation: str) -> None:
+    """A head-adaptive allocation (``method.allocation``) needs an attention implementation that
+    masks each KV head's own kept tokens (eager or sdpa); the method's own checks (a floor in
+    [0, 1], an allocation its scores allow) ran when it was built."""
+    if method.allocation != "uniform":
+        check_head_masking(resolve_attn_implementation(attn_implementation))
 
 
 def check_missing(cfg: DictConfig) -> None:

@@ -10,7 +10,12 @@ process so that peak memory is its own.
     .venv/bin/python scripts/bench_prefill.py [--tokens 4096] [--repeats 5]
         [--models tiny-random smollm2-135m] [--methods capkv h2o ...]
 
-Targets (issue 2): CapKV at most 1.05x, H2O at most 1.5x the plain sdpa prefill.
+Targets (issue 2): CapKV at most 1.05x, H2O at most 1.5x the plain sdpa prefill. Issue 13: CapKV's
+one-shot allocations (head-wise ``capkv_adaptive``, model-wide ``capkv_model``) within 5% of the
+plain prefill, the iterative one (``capkv_iterative``, 4 rounds) within 25%:
+
+    .venv/bin/python scripts/bench_prefill.py --models smollm2-135m \
+        --methods capkv capkv_adaptive capkv_model capkv_iterative snapkv snapkv_adaptive
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ METHODS = {
     "none": None,  # the plain prefill, timed beside every method
     "full": "baselines.Full()",
     "capkv": "capkv.CapKV()",
+    "capkv_adaptive": "capkv.CapKV(allocation='adaptive')",
+    "capkv_model": "capkv.CapKV(allocation='model')",
+    "capkv_iterative": "capkv.CapKV(allocation='adaptive', rounds=4)",
+    "snapkv_adaptive": "baselines.SnapKV(allocation='adaptive')",
     "snapkv": "baselines.SnapKV()",
     "pyramidkv": "baselines.PyramidKV()",
     "h2o": "baselines.H2O()",

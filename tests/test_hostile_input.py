@@ -90,6 +90,24 @@ BAD_INPUTS = [
         "line 2 of {tmp}/string.jsonl: field 'answers' holds \"Ann\"",
     ),
     ("damaged config.yaml", ["method=capkv", "budget=64"], "config.yaml is not a valid config"),
+    ("floor above 1", ["method=snapkv", "method.floor=1.5"], "floor=1.5 is outside [0, 1]"),
+    ("floor below 0", ["method=capkv_adaptive", "method.floor=-0.1"], "floor=-0.1 is outside"),
+    ("unknown allocation", ["method.allocation=greedy"], "allocation='greedy' is not an"),
+    (
+        "allocation without scores",
+        ["method=streamingllm", "method.allocation=adaptive"],
+        "StreamingLLM has no scores to rank across heads",
+    ),
+    (
+        "model-wide allocation of attention scores",
+        ["methods=[snapkv]", "method=snapkv", "method.allocation=model", "budgets=[64]"],
+        "SnapKV scores are not comparable across layers",
+    ),
+    (
+        "no per-head mask",
+        ["methods=[capkv,capkv_model]", "model.attn_implementation=flash_attention_2"],
+        "attn_implementation=flash_attention_2 cannot mask each KV head's own kept tokens",
+    ),
 ]
 BAD_FILES = {
     "list.jsonl": [GOOD_RECORD, ["not", "an", "object"]],

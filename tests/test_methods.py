@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from baselines import H2O, Full, PyramidKV, RandomEviction, SnapKV, StreamingLLM, pyramid_schedule
 from capkv import Budget, CapKV, evict, greedy_generate
+from capkv.allocation import head_floor, kept_mask
 from capkv.hooks import attention_layers, run_with_cache
 from tests.conftest import random_prompt
 
@@ -22,6 +23,14 @@ METHODS = {
     "h2o": H2O(window=8, chunk=48),
     "streamingllm": StreamingLLM(n_sink=4),
     "random": RandomEviction(seed=3),
+    # Head-adaptive allocations (the layer's budget over all its KV heads; CapKV's also over
+    # every layer, and iteratively).
+    "snapkv_adaptive": SnapKV(window=8, kernel=7, allocation="adaptive"),
+    "pyramidkv_adaptive": PyramidKV(window=8, beta=20, allocation="adaptive", floor=0.5),
+    "h2o_adaptive": H2O(window=8, chunk=48, allocation="adaptive", floor=0.0),
+    "capkv_adaptive": CapKV(allocation="adaptive"),
+    "capkv_model": CapKV(allocation="model", floor=0.1),
+    "capkv_iterative": CapKV(allocation="adaptive", rounds=3),
 }
 
 
@@ -56,16 +65,27 @@ def test_keeps_exactly_its_budget_and_its_protected_tokens(name, model_name, req
     input_ids = random_prompt(model.config.vocab_size, PROMPT)
     cache, record, _ = prefill(model, method, input_ids, budget=BUDGET)
     counts = expected_counts(method, len(attention_layers(model)), PROMPT, BUDGET)
-    assert record.kept_per_layer() == counts
+    n_kv = model.config.num_key_value_heads
+    per_head = record.kept_per_head()
+    if method.model_wide:  # one budget for the whole model, every layer's heads pooled
+        assert sum(map(sum, per_head)) == n_kv * sum(counts)
+    else:
+        assert record.kept_per_layer() == counts
     n_first, n_last = method.protected(PROMPT)
     for layer_idx, count in enumerate(counts):
         layer = cache.layers[layer_idx]
-        assert layer.keys.shape[1] == model.config.num_key_value_heads
-        assert layer.keys.shape[2] == layer.values.shape[2] == count
+        assert layer.keys.shape[1] == n_kv
+        padded = record.kept[layer_idx].shape[-1]
+        assert layer.keys.shape[2] == layer.values.shape[2] == padded == max(per_head[layer_idx])
+        if method.allocation == "uniform":
+            assert per_head[layer_idx] == [count] * n_kv
+        else:
+            assert min(per_head[layer_idx]) >= head_floor(count, method.floor, n_first + n_last)
         kept = record.kept[layer_idx][0]
-        assert all(torch.unique(row).numel() == count for row in kept)
-        for row in kept:
-            kept_set = set(row.tolist())
+        for row, present, n_head in zip(kept, kept_mask(kept), per_head[layer_idx], strict=True):
+            assert torch.unique(row[present]).numel() == n_head
+            assert bool(present[:n_head].all()) and not bool(present[n_head:].any())
+            kept_set = set(row[present].tolist())
             assert set(range(n_first)) <= kept_set
             assert set(range(PROMPT - n_last, PROMPT)) <= kept_set
 
@@ -132,7 +152,9 @@ def test_full_cache_method_never_evicts(gqa_model):
     assert record.kept == {} and cache.get_seq_length() == PROMPT
 
 
-@pytest.mark.parametrize("name", ["capkv", "snapkv_avg", "pyramidkv", "h2o"])
+@pytest.mark.parametrize(
+    "name", ["capkv", "snapkv_avg", "pyramidkv", "h2o", "snapkv_adaptive", "capkv_model"]
+)
 def test_kept_tokens_do_not_depend_on_the_attention_implementation(name):
     from capkv.models import build_tiny_model
 

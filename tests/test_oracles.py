@@ -165,3 +165,54 @@ def test_pyramidkv_matches_pyramidkvpress_where_the_schedules_coincide(gqa_model
     ours = our_kept(model, method, input_ids, budget=100)
     assert [reference[i].shape[-1] for i in range(4)] == [100] * 4
     assert_same_kept(ours, reference, method, model, input_ids)
+
+
+@torch.no_grad()
+def kvpress_adakv_kept(model, press, input_ids) -> dict[int, torch.Tensor]:
+    """Per layer, the kept mask (H_kv, T) of kvpress's AdaKVPress, which keeps every key in the
+    cache and records the pruned ones in ``module.masked_key_indices``."""
+    with press(model):
+        run_with_cache(model.model, input_ids, DynamicCache())
+    kept = {}
+    for layer_idx, module in enumerate(attention_layers(model)):
+        batch, heads, positions = module.masked_key_indices
+        mask = torch.ones(model.config.num_key_value_heads, input_ids.shape[1], dtype=torch.bool)
+        mask[heads[batch == 0], positions[batch == 0]] = False
+        kept[layer_idx] = mask
+    return kept
+
+
+@pytest.mark.parametrize("model_name", ["gqa_model", "mha_model"])
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_adaptive_snapkv_matches_adakvpress(model_name, ratio, request):
+    """Same kept set in every layer and KV head as ``AdaKVPress(SnapKVPress)`` (alpha_safeguard
+    = our floor): the window protected, each head's best ``int(floor n)`` forced, the rest of
+    the layer's ``H_kv n`` tokens by the scores of all heads together."""
+    model, _ = request.getfixturevalue(model_name)
+    input_ids = random_prompt(model.config.vocab_size, PROMPT, seed=12)
+    method = SnapKV(window=16, kernel=5, pooling="avg", allocation="adaptive", floor=0.2)
+    press = kvpress.AdaKVPress(
+        kvpress.SnapKVPress(compression_ratio=ratio, window_size=16, kernel_size=5),
+        alpha_safeguard=0.2,
+    )
+    reference = kvpress_adakv_kept(model, press, input_ids)
+    ours = our_kept(model, method, input_ids, ratio=ratio)
+    states = capture_prefill(model, input_ids)
+    n_kept = int(PROMPT * (1 - ratio))
+    assert ours.keys() == reference.keys()
+    for layer_idx, indices in ours.items():
+        mine = torch.zeros_like(reference[layer_idx])
+        for head, row in enumerate(indices):
+            mine[head, row[row >= 0]] = True
+        assert int(mine.sum()) == int(reference[layer_idx].sum()) == n_kept * mine.shape[0]
+        if torch.equal(mine, reference[layer_idx]):
+            continue
+        # Only near-ties at the layer's boundary score may differ (float summation order).
+        scores = method.score(states[layer_idx])[0]
+        scores[:, PROMPT - 16 :] = float("inf")
+        floor = max(16, int(n_kept * 0.2))
+        forced = scores.argsort(-1, descending=True).argsort(-1) < floor
+        pooled = scores.masked_fill(forced, float("inf")).flatten()
+        boundary = pooled.sort(descending=True).values[n_kept * mine.shape[0] - 1]
+        for score in scores[mine != reference[layer_idx]]:
+            assert abs(score - boundary) <= TIE_TOLERANCE * boundary.abs()

@@ -24,6 +24,8 @@ METHODS = {
     "streamingllm": StreamingLLM(),
     "random": RandomEviction(),
     "full": Full(),
+    "snapkv_adaptive": SnapKV(window=8, allocation="adaptive"),
+    "capkv_model": CapKV(allocation="model"),
 }
 BUDGETS = [Budget(tokens=48), Budget(ratio=0.5)]
 
