@@ -7,6 +7,7 @@ that recompute attention themselves) and eager (presses given the attention weig
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -28,7 +29,7 @@ from capkv import Budget, CapKV  # noqa: E402
 from capkv.engine import record_kept  # noqa: E402
 from capkv.hooks import run_with_cache  # noqa: E402
 from capkv.interop import SUPPORTED_PRESSES, KvpressMethod, as_press  # noqa: E402
-from capkv.interop.scorers import NEEDS_ATTENTIONS, RATIO_DEPENDENT  # noqa: E402
+from capkv.interop.scorers import HUB_PRESSES, NEEDS_ATTENTIONS, RATIO_DEPENDENT  # noqa: E402
 from capkv.models import build_tiny_model  # noqa: E402
 from tests.conftest import capture_prefill, random_prompt  # noqa: E402
 from tests.test_oracles import kvpress_kept, our_kept  # noqa: E402
@@ -47,6 +48,21 @@ SETTINGS = {
     "RandomPress": {"seed": 3},
     "SnapKVPress": {"window_size": 8, "kernel_size": 5},
 }
+
+
+def test_the_supported_presses_are_kvpress_scorers_that_need_no_download():
+    """Every ScorerPress of kvpress that is not a wrapper of another press (CriticalKVPress) and
+    reads no downloaded weights is supported; non-scorers (DuoAttention, KVzip, ThinK...) are not."""
+    scorers = {
+        name
+        for name in kvpress.__all__
+        if inspect.isclass(cls := getattr(kvpress, name))
+        and issubclass(cls, kvpress.ScorerPress)
+        and cls is not kvpress.ScorerPress
+        and "press" not in inspect.signature(cls).parameters
+    }
+    assert scorers - set(HUB_PRESSES) == set(SUPPORTED_PRESSES)
+    assert "DuoAttentionPress" not in scorers and "KVzipPress" not in scorers
 
 
 @pytest.fixture(scope="module")
