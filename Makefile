@@ -35,7 +35,7 @@ $(ORACLE_VENV)/.installed: pyproject.toml Makefile
 # oldest with the kvpress oracle tests, which there fail instead of skipping without kvpress.
 # Tests that never touch transformers (launchers and SLURM, input checks, results, figures,
 # statistics) run once, in .venv.
-ONCE := cluster hostile_input results shards figures uncertainty experiments metrics kvpress_input
+ONCE := cluster hostile_input results shards figures uncertainty experiments metrics kvpress_input leaderboard
 test: $(VENV)/.installed $(ORACLE_VENV)/.installed
 	$(BIN)/pytest
 	CAPKV_REQUIRE_KVPRESS=1 $(ORACLE_VENV)/bin/pytest $(ONCE:%=--ignore=tests/test_%.py)
