@@ -63,14 +63,15 @@ def check_group_choices(argv: list[str]) -> None:
     """
     for argument in argv:
         key, _, value = argument.lstrip("+~").partition("=")
-        if key == "methods":
+        listed = key == "methods"
+        if listed:
             key, value = "method", value.strip("[]")
         if key not in GROUPS or not value:
             continue
         valid = group_options(key)
         for choice in value.split(","):
             if key == "method" and choice.strip().startswith(PRESS_PREFIX):
-                check_press_choice(choice.strip())
+                check_press_choice(choice.strip(), listed)
             elif choice.strip() not in valid:
                 sys.exit(
                     f"error: unknown {key} {choice.strip()!r}; choose one of: {', '.join(valid)}."
@@ -83,12 +84,18 @@ def check_group_choices(argv: list[str]) -> None:
             sys.exit(f"error: {error}")
 
 
-def check_press_choice(choice: str) -> None:
-    """``kvpress-tova`` in ``methods=[...]`` names a supported kvpress press, or the run stops."""
+def check_press_choice(choice: str, listed: bool) -> None:
+    """``kvpress-tova`` in ``methods=[...]`` names a supported kvpress press, or the run stops;
+    ``method=`` takes the press as ``method=kvpress method.press=...``."""
     try:
-        press_class_name(choice)
+        press = press_class_name(choice)
     except ValueError as error:
         sys.exit(f"error: {error}")
+    if not listed:
+        sys.exit(
+            f"error: method={choice} is spelt method=kvpress method.press={press} (kvpress-<name> "
+            "is the spelling inside methods=[...])."
+        )
 
 
 def in_multirun() -> bool:

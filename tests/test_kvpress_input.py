@@ -17,6 +17,7 @@ CASES = [
     (["methods=[kvpress-tovaa]"], SUPPORTED),
     (["method=kvpress", "method.press=DuoAttentionPress"], SUPPORTED),
     (["method=kvpress", "method.press=QFilterPress"], "downloads from the Hugging Face hub"),
+    (["method=kvpress-tova"], "spelt method=kvpress method.press=TOVAPress"),
     (["method=kvpress"], "method=kvpress needs method.press=<press>; " + SUPPORTED),
     (
         ["method=kvpress", "method.press=ObservedAttentionPress"],
