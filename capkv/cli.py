@@ -20,6 +20,7 @@ from capkv.budget import Budget
 from capkv.cluster import check_launcher, launcher_choice, prepare_job
 from capkv.engine import resolve_budget
 from capkv.hooks import library_versions
+from capkv.interop import press_class_name
 from capkv.locking import is_held
 from capkv.method import EvictionMethod
 from capkv.results import (
@@ -49,6 +50,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "task", "experiment")
 SWEEP_KEYS = ("methods", "budgets", "ratios")
 SHARD_KEYS = ("shards", "shard")  # which examples a process runs, not what a cell holds
+PRESS_PREFIX = "kvpress-"  # methods=[kvpress-tova]: a kvpress press (capkv.interop)
 
 
 def group_options(group: str) -> list[str]:
@@ -62,13 +64,16 @@ def check_group_choices(argv: list[str]) -> None:
     """
     for argument in argv:
         key, _, value = argument.lstrip("+~").partition("=")
-        if key == "methods":
+        listed = key == "methods"
+        if listed:
             key, value = "method", value.strip("[]")
         if key not in GROUPS or not value:
             continue
         valid = group_options(key)
         for choice in value.split(","):
-            if choice.strip() not in valid:
+            if key == "method" and choice.strip().startswith(PRESS_PREFIX):
+                check_press_choice(choice.strip(), listed)
+            elif choice.strip() not in valid:
                 sys.exit(
                     f"error: unknown {key} {choice.strip()!r}; choose one of: {', '.join(valid)}."
                 )
@@ -78,6 +83,20 @@ def check_group_choices(argv: list[str]) -> None:
             check_launcher(launcher)
         except ValueError as error:
             sys.exit(f"error: {error}")
+
+
+def check_press_choice(choice: str, listed: bool) -> None:
+    """``kvpress-tova`` in ``methods=[...]`` names a supported kvpress press, or the run stops;
+    ``method=`` takes the press as ``method=kvpress method.press=...``."""
+    try:
+        press = press_class_name(choice)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    if not listed:
+        sys.exit(
+            f"error: method={choice} is spelt method=kvpress method.press={press} (kvpress-<name> "
+            "is the spelling inside methods=[...])."
+        )
 
 
 def in_multirun() -> bool:
@@ -171,6 +190,10 @@ def method_config(cfg: DictConfig, name: str, chosen: str) -> DictConfig:
     with ``method=``, else its file under conf/method/."""
     if name == chosen:
         return cfg.method
+    if name.startswith(PRESS_PREFIX):  # a kvpress press with its default settings
+        press_cfg = OmegaConf.load(CONF_DIR / "method" / "kvpress.yaml")
+        press_cfg.press = press_class_name(name)
+        return press_cfg
     path = CONF_DIR / "method" / f"{name}.yaml"
     if not path.exists():
         valid = ", ".join(group_options("method"))
@@ -211,7 +234,8 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
         check_allocation(method, cfg.model.attn_implementation)
         budgets = planned_budgets(cfg, method) if sweeping else [choose_budget(cfg, method)]
         for budget in budgets:
-            method_name = name + (f"-{cfg.variant}" if cfg.variant else "")
+            label = getattr(method, "folder_name", name)  # kvpress-tova for method=kvpress
+            method_name = label + (f"-{cfg.variant}" if cfg.variant else "")
             identity = {
                 "model": choices["model"],
                 "task": task_name,

@@ -85,12 +85,18 @@ class CompressionRecord:
 
 
 def prefill_state(
-    module: nn.Module, args: tuple, kwargs: dict, rotary_emb: nn.Module, num_layers: int
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    rotary_emb: nn.Module,
+    num_layers: int,
+    output: tuple | None = None,
 ) -> LayerPrefill | None:
     """The layer's prefill state after its forward, or None if this forward is not a prefill.
 
     A prefill is a forward that filled an empty cache layer (its cache holds exactly the
-    tokens of this forward).
+    tokens of this forward). ``output``, the layer's own output, gives the attention weights
+    where the attention implementation returns them (eager).
     """
     hidden_states = hidden_states_of(args, kwargs)
     cache_layer = layer_cache(module, kwargs).layers[module.layer_idx]
@@ -111,6 +117,7 @@ def prefill_state(
         values=cache_layer.values,
         cos=cos,
         sin=sin,
+        attentions=output[1] if isinstance(output, tuple) and len(output) > 1 else None,
     )
 
 
@@ -166,7 +173,7 @@ def after_each_prefill(
         prefilled.clear()
 
     def after_layer(module: nn.Module, args: tuple, kwargs: dict, output):
-        state = prefill_state(module, args, kwargs, rotary_emb, len(layers))
+        state = prefill_state(module, args, kwargs, rotary_emb, len(layers), output)
         if state is not None:
             prefilled.append(module.layer_idx)
             with torch.no_grad():

@@ -41,6 +41,10 @@ class LayerPrefill:
         The full cached keys (after RoPE) and values, (B, H_kv, T, d).
     cos, sin : torch.Tensor
         RoPE tables of the prompt positions, (B, T, d).
+    attentions : torch.Tensor or None
+        The attention weights the layer returned, (B, H, T, T): only eager attention returns
+        them (None otherwise). Our methods never read them; kvpress presses that score from
+        attention weights do (:mod:`capkv.interop`).
     """
 
     module: nn.Module
@@ -51,6 +55,7 @@ class LayerPrefill:
     values: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+    attentions: torch.Tensor | None = None
 
     @property
     def layer_idx(self) -> int:

@@ -281,6 +281,26 @@ def method_nodes(plain: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [("method", plain["method"])]
 
 
+def check_press_attention(plain: dict[str, Any]) -> None:
+    """A kvpress press that scores from attention weights runs only with eager attention."""
+    from capkv.interop.scorers import NEEDS_ATTENTIONS, press_class_name
+
+    presses = [name for name in plain.get("methods") or [] if name.startswith("kvpress-")]
+    if plain["method"].get("_target_") == "capkv.interop.KvpressMethod":
+        presses.append(plain["method"].get("press") or "")
+    attention = plain["model"].get("attn_implementation")
+    for name in presses:
+        try:
+            press = press_class_name(name)
+        except ValueError:
+            continue  # an unknown press is refused, with the supported ones, when it is built
+        if press in NEEDS_ATTENTIONS and attention != "eager":
+            raise ValueError(
+                f"{press} scores from the attention weights, which only eager attention returns, "
+                f"and model.attn_implementation={attention}: pass model.attn_implementation=eager."
+            )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Refuse a composed run config with one sentence, before any model loads or row is written.
 
@@ -321,6 +341,7 @@ def check_config(cfg: DictConfig) -> None:
         check_against_target(prefix, node)
     for prefix, node in method_nodes(plain):
         check_against_target(prefix, node)
+    check_press_attention(plain)
     instantiate(cfg.model)  # the model config's own checks (dtype, attention implementation)
     check_device(plain["model"].get("device", "cpu"))
     check_results_dir(plain.get("results_dir"))

@@ -6,14 +6,26 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from capkv.cli import CONF_DIR, group_options, plain_experiment
+from capkv.interop import SUPPORTED_PRESSES, press_class_name, short_name
+from capkv.interop.scorers import NEEDS_ATTENTIONS
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
 def test_experiment_composes(experiment):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={experiment}"])
-    assert set(cfg.methods) <= set(group_options("method"))
+    presses = [m for m in cfg.methods if m.startswith("kvpress-")]
+    assert all(press_class_name(m) for m in presses)  # raises for an unknown press
+    assert set(cfg.methods) - set(presses) <= set(group_options("method"))
     assert cfg.ratios or cfg.budgets or list(cfg.methods) == ["full"]
+
+
+def test_the_kvpress_leaderboard_holds_every_supported_press():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=kvpress_leaderboard"])
+    runs_with_sdpa = set(SUPPORTED_PRESSES) - set(NEEDS_ATTENTIONS)  # those: a second, eager sweep
+    assert {f"kvpress-{short_name(p)}" for p in runs_with_sdpa} <= set(cfg.methods)
+    assert {"capkv", "snapkv", "pyramidkv", "h2o", "streamingllm", "full"} <= set(cfg.methods)
 
 
 def test_experiment_is_chosen_without_a_plus_and_the_plus_still_works():

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from capkv.cli import CONF_DIR, group_options
+from capkv.interop import kvpress_problem
 from capkv.method import EvictionMethod
 from capkv.models import build_tiny_model
 from capkv.results import EXAMPLES, METRICS, finished_rows, run_directory
@@ -41,8 +42,14 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.mark.parametrize("method", group_options("method"))
 def test_every_method_config_composes_and_instantiates(method):
+    # method=kvpress needs a press, and kvpress (tests/test_kvpress_*.py cover it)
+    overrides = [f"method={method}"] + (["method.press=TOVAPress"] if method == "kvpress" else [])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"method={method}"])
+        cfg = compose("config", overrides=overrides)
+    if method == "kvpress" and kvpress_problem() is not None:
+        with pytest.raises(Exception, match=r"install it with pip install -e '\.\[kvpress\]'"):
+            instantiate(cfg.method)
+        return
     assert isinstance(instantiate(cfg.method), EvictionMethod)
 
 
