@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +21,21 @@ from capkv.hooks import library_versions
 from capkv.locking import is_held
 from capkv.method import EvictionMethod
 from capkv.results import (
-    CONFIG,
     aggregate,
     markdown,
     run_directory,
-    stored_config,
-    write_atomically,
 )
 from capkv.runner import (
+    Cell,
     CellBusy,
-    CellLog,
     busy_message,
     check_protocol,
+    check_same_config,
     run_cell,
     shard_lock_path,
 )
 from capkv.shards import Shard
-from capkv.sweep import SweepCell, run_sweep
+from capkv.sweep import run_sweep
 from capkv.tasks.base import capped
 from capkv.validation import check_config
 
@@ -111,37 +108,6 @@ def choose_budget(cfg: DictConfig, method: EvictionMethod) -> Budget | None:
     return resolve_budget(method, cfg.budget, cfg.ratio)
 
 
-def check_same_config(run_dir: Path, resolved: dict[str, Any]) -> None:
-    """A directory holding results of other settings is never silently extended."""
-    stored = stored_config(run_dir)
-    if stored is None:
-        return
-    differing = [
-        f"{section}.{key}"
-        for section in ("model", "method", "task")
-        for key in sorted(set(stored.get(section, {})) | set(resolved[section]))
-        if key != "max_examples" and stored[section].get(key) != resolved[section].get(key)
-    ]
-    if differing:
-        raise ValueError(
-            f"{run_dir} holds results of other settings (differs in {', '.join(differing)}); "
-            "pass variant=NAME to write them elsewhere, or delete that folder."
-        )
-
-
-@dataclass
-class PlannedCell:
-    """One (method, budget) cell of a run: what to build and where it writes."""
-
-    method_name: str
-    method_cfg: DictConfig
-    method: EvictionMethod
-    budget: Budget | None
-    identity: dict[str, Any]
-    run_dir: Path
-    resolved: dict[str, Any]
-
-
 def sweep_mode(cfg: DictConfig) -> bool:
     return any(cfg.get(key) is not None for key in SWEEP_KEYS)
 
@@ -173,8 +139,9 @@ def planned_budgets(cfg: DictConfig, method: EvictionMethod) -> list[Budget | No
     return budgets
 
 
-def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
-    """Every (method, budget) cell the config asks for, with its run directory."""
+def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
+    """Every (method, budget) cell the config asks for, with its run directory and config, on
+    the examples of shard ``shard`` of ``shards``."""
     choices = HydraConfig.get().runtime.choices
     check_protocol(cfg.protocol)
     sweeping = sweep_mode(cfg)
@@ -209,15 +176,8 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
             check_same_config(run_dir, resolved)
             if is_held(shard_lock_path(run_dir, shard)):
                 raise CellBusy(busy_message(run_dir, shard))
-            cells.append(PlannedCell(name, method_cfg, method, budget, identity, run_dir, resolved))
+            cells.append(Cell(method, budget, run_dir, identity, shard, resolved))
     return cells
-
-
-def write_config(cell: PlannedCell) -> None:
-    """Declare what a cell's folder holds before its first row (checked again here, under the
-    cell's lock, in case another process wrote other settings since planning)."""
-    check_same_config(cell.run_dir, cell.resolved)
-    write_atomically(cell.run_dir / CONFIG, OmegaConf.to_yaml(cell.resolved))
 
 
 def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -228,36 +188,16 @@ def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
     check_config(cfg)
     task = capped(instantiate(cfg.task), cfg.max_examples)
     cells = plan_cells(cfg, task.name)
-    shard = Shard(cfg.shard, cfg.shards)
     if in_multirun():
         prepare_job(HydraConfig.get())
     model, tokenizer = load_model_cached(OmegaConf.to_yaml(cfg.model))
     if sweep_mode(cfg):
-        sweep_cells = [
-            SweepCell(
-                c.method, c.budget, CellLog(c.run_dir, c.identity, shard, partial(write_config, c))
-            )
-            for c in cells
-        ]
         all_metrics = run_sweep(
-            model, tokenizer, task, sweep_cells, cfg.protocol, diagnostics=cfg.diagnostics
+            model, tokenizer, task, cells, cfg.protocol, diagnostics=cfg.diagnostics
         )
     else:
         (cell,) = cells
-        all_metrics = [
-            run_cell(
-                model,
-                tokenizer,
-                task,
-                cell.method,
-                cell.budget,
-                cfg.protocol,
-                cell.run_dir,
-                cell.identity,
-                shard,
-                partial(write_config, cell),
-            )
-        ]
+        all_metrics = [run_cell(model, tokenizer, task, cell, cfg.protocol)]
     if not in_multirun():  # a multirun rebuilds the tables once, at its end (capkv.callbacks)
         aggregate(Path(to_absolute_path(cfg.results_dir)))
     for cell, metrics in zip(cells, all_metrics, strict=True):
