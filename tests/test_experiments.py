@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,18 @@ def test_experiment_is_chosen_without_a_plus_and_the_plus_still_works():
     ]
 
 
-def test_experiments_write_the_committed_results_and_other_runs_an_ignored_folder():
+def test_make_reproduce_writes_the_committed_results_and_other_runs_an_ignored_folder():
+    makefile = (CONF_DIR.parent / "Makefile").read_text()
+    reproduce = makefile.split("\nreproduce:", 1)[1].split("\n\n", 1)[0]
+    committed = set(re.findall(r"experiment=(\w+)", reproduce))
+    assert committed == {"needle_heatmaps", "needle_context_limit", "ruler"}
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        default = compose("config").results_dir
-        experiments = {
+        folders = {
             name: compose("config", overrides=[f"experiment={name}"]).results_dir
             for name in group_options("experiment")
         }
+        folders["(no experiment)"] = compose("config").results_dir
     ignored = (CONF_DIR.parent / ".gitignore").read_text().split()
-    assert f"{Path(default).parts[0]}/" in ignored
-    assert all(Path(folder).parts[0] == "results" for folder in experiments.values())
+    for name, folder in folders.items():
+        top = Path(folder).parts[0]
+        assert top == "results" if name in committed else f"{top}/" in ignored, (name, folder)
