@@ -64,14 +64,23 @@ reproduce: $(VENV)/.installed
 	$(BIN)/python run.py experiment=ruler
 	$(MAKE) figures
 
-# The tables of results/ rebuilt from its run folders (a multirun does this once at its end).
+# The tables and plots of the committed reference results (what `make reproduce` and the
+# experiments write). Your own runs go to outputs/results (config.yaml's results_dir):
+# `make tables RESULTS=outputs/results`.
+RESULTS ?= results
+PLOTS ?= plots
+
+# The tables rebuilt from the run folders (a multirun does this once at its end).
 tables: $(VENV)/.installed
-	$(BIN)/python -m capkv.results results
-	$(BIN)/python -m capkv.results results/context_limit
+	$(BIN)/python -m capkv.results $(RESULTS)
+	test ! -d $(RESULTS)/context_limit/runs || $(BIN)/python -m capkv.results $(RESULTS)/context_limit
 
 figures: $(VENV)/.installed
-	$(BIN)/python -m capkv.figures
-	$(BIN)/python -m capkv.figures --results results/context_limit --plots plots/context_limit
+	$(BIN)/python -m capkv.figures --results $(RESULTS) --plots $(PLOTS)
+	test ! -d $(RESULTS)/context_limit/runs || \
+		$(BIN)/python -m capkv.figures --results $(RESULTS)/context_limit --plots $(PLOTS)/context_limit
 
+# Your results under outputs/results stay.
 clean:
-	rm -rf $(VENV) $(ORACLE_VENV) outputs multirun
+	rm -rf $(VENV) $(ORACLE_VENV) multirun
+	test ! -d outputs || find outputs -mindepth 1 -maxdepth 1 ! -name results -exec rm -rf {} +

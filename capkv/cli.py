@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
-from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import get_class, instantiate, to_absolute_path
+from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
@@ -24,23 +22,21 @@ from capkv.interop import press_class_name
 from capkv.locking import is_held
 from capkv.method import EvictionMethod
 from capkv.results import (
-    CONFIG,
     aggregate,
     markdown,
     run_directory,
-    stored_config,
-    write_atomically,
 )
 from capkv.runner import (
+    Cell,
     CellBusy,
-    CellLog,
     busy_message,
     check_protocol,
+    check_same_config,
     run_cell,
     shard_lock_path,
 )
 from capkv.shards import Shard
-from capkv.sweep import SweepCell, run_sweep
+from capkv.sweep import run_sweep
 from capkv.tasks.base import capped
 from capkv.validation import check_allocation, check_config
 
@@ -131,56 +127,6 @@ def choose_budget(cfg: DictConfig, method: EvictionMethod) -> Budget | None:
     return resolve_budget(method, cfg.budget, cfg.ratio)
 
 
-def check_same_config(run_dir: Path, resolved: dict[str, Any]) -> None:
-    """A directory holding results of other settings is never silently extended.
-
-    A setting the stored config lacks (added to the project after that folder was written)
-    matches its default value.
-    """
-    stored = stored_config(run_dir)
-    if stored is None:
-        return
-    differing = [
-        f"{section}.{key}"
-        for section in ("model", "method", "task")
-        for key in sorted(set(stored.get(section, {})) | set(resolved[section]))
-        if key != "max_examples"
-        and stored[section].get(key, field_default(resolved[section], key))
-        != resolved[section].get(key)
-    ]
-    if differing:
-        raise ValueError(
-            f"{run_dir} holds results of other settings (differs in {', '.join(differing)}); "
-            "pass variant=NAME to write them elsewhere, or delete that folder."
-        )
-
-
-def field_default(node: dict[str, Any], key: str) -> Any:
-    """The default of setting ``key`` of the dataclass a config node's ``_target_`` builds (None
-    if it has none)."""
-    try:
-        cls = get_class(node["_target_"])
-    except Exception:
-        return None
-    for field in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
-        if field.name == key and field.default is not dataclasses.MISSING:
-            return field.default
-    return None
-
-
-@dataclass
-class PlannedCell:
-    """One (method, budget) cell of a run: what to build and where it writes."""
-
-    method_name: str
-    method_cfg: DictConfig
-    method: EvictionMethod
-    budget: Budget | None
-    identity: dict[str, Any]
-    run_dir: Path
-    resolved: dict[str, Any]
-
-
 def sweep_mode(cfg: DictConfig) -> bool:
     return any(cfg.get(key) is not None for key in SWEEP_KEYS)
 
@@ -216,8 +162,9 @@ def planned_budgets(cfg: DictConfig, method: EvictionMethod) -> list[Budget | No
     return budgets
 
 
-def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
-    """Every (method, budget) cell the config asks for, with its run directory."""
+def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
+    """Every (method, budget) cell the config asks for, with its run directory and config, on
+    the examples of shard ``shard`` of ``shards``."""
     choices = HydraConfig.get().runtime.choices
     check_protocol(cfg.protocol)
     sweeping = sweep_mode(cfg)
@@ -254,15 +201,8 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
             check_same_config(run_dir, resolved)
             if is_held(shard_lock_path(run_dir, shard)):
                 raise CellBusy(busy_message(run_dir, shard))
-            cells.append(PlannedCell(name, method_cfg, method, budget, identity, run_dir, resolved))
+            cells.append(Cell(method, budget, run_dir, identity, shard, resolved))
     return cells
-
-
-def write_config(cell: PlannedCell) -> None:
-    """Declare what a cell's folder holds before its first row (checked again here, under the
-    cell's lock, in case another process wrote other settings since planning)."""
-    check_same_config(cell.run_dir, cell.resolved)
-    write_atomically(cell.run_dir / CONFIG, OmegaConf.to_yaml(cell.resolved))
 
 
 def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -273,42 +213,22 @@ def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
     check_config(cfg)
     task = capped(instantiate(cfg.task), cfg.max_examples)
     cells = plan_cells(cfg, task.name)
-    shard = Shard(cfg.shard, cfg.shards)
     if in_multirun():
         prepare_job(HydraConfig.get())
     model, tokenizer = load_model_cached(OmegaConf.to_yaml(cfg.model))
     if sweep_mode(cfg):
-        sweep_cells = [
-            SweepCell(
-                c.method, c.budget, CellLog(c.run_dir, c.identity, shard, partial(write_config, c))
-            )
-            for c in cells
-        ]
         all_metrics = run_sweep(
             model,
             tokenizer,
             task,
-            sweep_cells,
+            cells,
             cfg.protocol,
             diagnostics=cfg.diagnostics,
             decode_batch=cfg.get("decode_batch"),
         )
     else:
         (cell,) = cells
-        all_metrics = [
-            run_cell(
-                model,
-                tokenizer,
-                task,
-                cell.method,
-                cell.budget,
-                cfg.protocol,
-                cell.run_dir,
-                cell.identity,
-                shard,
-                partial(write_config, cell),
-            )
-        ]
+        all_metrics = [run_cell(model, tokenizer, task, cell, cfg.protocol)]
     if not in_multirun():  # a multirun rebuilds the tables once, at its end (capkv.callbacks)
         aggregate(Path(to_absolute_path(cfg.results_dir)))
     for cell, metrics in zip(cells, all_metrics, strict=True):

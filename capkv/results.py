@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from capkv.locking import locked
+from capkv.tasks.base import Reporting, task_reporting
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +46,6 @@ METRICS = "metrics.json"
 CONFIG = "config.yaml"
 DIAGNOSTICS = ("capacity_fraction", "attention_error")  # see capkv.diagnostics
 RUN_KEYS = ["model", "task", "method", "budget", "protocol"]
-
-# Task families: LongBench's six groups (Bai et al. 2023, table 1) and RULER's (Hsieh et al. 2024).
-FAMILIES = {
-    "Single-doc QA": ["narrativeqa", "qasper", "multifieldqa_en"],
-    "Multi-doc QA": ["hotpotqa", "2wikimqa", "musique"],
-    "Summarization": ["gov_report", "qmsum", "multi_news"],
-    "Few-shot": ["trec", "triviaqa", "samsum"],
-    "Synthetic": ["passage_count", "passage_retrieval_en"],
-    "Code": ["lcc", "repobench-p"],
-    "NIAH": ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"],
-    "Variable tracking": ["vt"],
-    "Aggregation": ["cwe", "fwe"],
-}
-FAMILY_OF = {subtask: family for family, subtasks in FAMILIES.items() for subtask in subtasks}
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -211,17 +198,20 @@ def write_metrics(
     identity: dict[str, Any],
     rows: list[dict[str, Any]],
     n_expected: int | None = None,
+    reporting: Reporting | None = None,
 ) -> dict:
     """Write ``metrics.json`` for the rows so far; returns what was written.
 
     ``n_expected`` is how many examples the whole cell (every shard) runs; a cell holding fewer
-    rows is reported as incomplete by :func:`aggregate`.
+    rows is reported as incomplete by :func:`aggregate`. ``reporting`` (the task's benchmark,
+    headline score and subtask families) is saved for the tables.
     """
     kept = [sum(r["kept_tokens_per_layer"]) / len(r["kept_tokens_per_layer"]) for r in rows]
     prompt = [r["prompt_tokens"] for r in rows]
     measured = [row["diagnostics"] for row in rows if "diagnostics" in row]
     metrics = {
         **identity,
+        **(reporting.fields() if reporting is not None else {}),
         **summarize(rows),
         "mean_prompt_tokens": sum(prompt) / len(prompt) if prompt else math.nan,
         "mean_kept_tokens": sum(kept) / len(kept) if kept else math.nan,
@@ -301,6 +291,34 @@ def score_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
     )
 
 
+def run_reporting(metrics_path: Path, metrics: dict[str, Any]) -> Reporting | None:
+    """How a run's task reports its scores: as saved in its ``metrics.json``, or, for runs
+    written before it was saved, asked of the task its ``config.yaml`` describes; None when
+    neither says (the headline is then the first score, and every subtask its own family)."""
+    saved = Reporting.from_fields(metrics)
+    if saved is not None:
+        return saved
+    try:
+        config = stored_config(metrics_path.parent)
+        return task_reporting(config["task"]) if config is not None else None
+    except (ValueError, KeyError, ImportError):
+        return None
+
+
+def task_reportings(runs: dict[Path, dict[str, Any]]) -> dict[str, Reporting]:
+    """The reporting of every task name in ``runs`` (from :func:`load_metrics`), the families of
+    its runs merged."""
+    merged: dict[str, Reporting] = {}
+    for path, metrics in runs.items():
+        reporting = run_reporting(path, metrics)
+        if reporting is None:
+            continue
+        known = merged.get(metrics["task"])
+        families = {**known.families, **reporting.families} if known else reporting.families
+        merged[metrics["task"]] = Reporting(reporting.benchmark, reporting.headline, families)
+    return merged
+
+
 def needle_order(row: dict[str, Any]) -> tuple:
     """Needle rows by context length, then depth: the same order however many shards wrote
     them and in whatever order they finished."""
@@ -313,7 +331,8 @@ def needle_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
     and scores."""
     records = []
     for metrics_path, metrics in runs.items():
-        if not str(metrics["task"]).startswith("needle"):
+        reporting = run_reporting(metrics_path, metrics)
+        if reporting is None or reporting.benchmark != "needle":
             continue
         identity = {k: metrics[k] for k in ("model", "task", "method", "budget", "protocol")}
         rows = sorted(finished_rows(metrics_path.parent), key=needle_order)
@@ -347,20 +366,32 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main_table(scores: pd.DataFrame) -> pd.DataFrame:
-    """Method x budget rows; per task its headline score (its first metric) and, for a task whose
-    subtasks fall into several families, one column per family (``<task>: <family>``, the mean of
-    its subtasks). ``average`` is the mean of the tasks' headlines, left empty (NaN) where a run
-    lacks one of the tasks, so that it never averages over different sets of tasks."""
+def main_table(
+    scores: pd.DataFrame, reportings: dict[str, Reporting] | None = None
+) -> pd.DataFrame:
+    """Method x budget rows; per task its headline score and, for a task whose subtasks fall into
+    several families, one column per family (``<task>: <family>``, the mean of its subtasks),
+    as each task reports them (``reportings``, by task name, from :func:`task_reportings`; a
+    task without one reports its first metric, each subtask its own family). ``average`` is the
+    mean of the tasks' headlines, left empty (NaN) where a run lacks one of the tasks, so that
+    it never averages over different sets of tasks."""
     index = ["model", "protocol", "method", "budget"]
     if scores.empty:
         return pd.DataFrame(columns=index)
+    reportings = reportings or {}
     first_metric = scores.groupby(RUN_KEYS)["metric"].transform("first")
-    headline = scores[scores["metric"] == first_metric]
+    named = scores["task"].map({task: r.headline for task, r in reportings.items()})
+    headline = scores[scores["metric"] == named.fillna(first_metric)]
     tasks = headline[headline["subtask"] == "average"]
     columns = [tasks.assign(column=tasks["task"])]
     subtasks = headline[headline["subtask"] != "average"]
-    families = subtasks.assign(family=subtasks["subtask"].map(lambda s: FAMILY_OF.get(s, s)))
+    family_of = {
+        (task, subtask): family
+        for task, reporting in reportings.items()
+        for subtask, family in reporting.families.items()
+    }
+    pairs = zip(subtasks["task"], subtasks["subtask"], strict=True)
+    families = subtasks.assign(family=[family_of.get(pair, pair[1]) for pair in pairs])
     families = families.groupby([*RUN_KEYS, "family"], as_index=False)["score"].mean()
     several = families.groupby("task")["family"].nunique()
     families = families[families["task"].map(several) > 1]
@@ -368,11 +399,15 @@ def main_table(scores: pd.DataFrame) -> pd.DataFrame:
     long = pd.concat(columns, ignore_index=True)
     table = long.pivot_table(index=index, columns="column", values="score").reset_index()
     task_names = sorted(tasks["task"].unique())
-    family_order = {family: i for i, family in enumerate(FAMILIES)}
+    family_order = {
+        (task, family): i
+        for task, reporting in reportings.items()
+        for i, family in enumerate(dict.fromkeys(reporting.families.values()))
+    }
 
     def column_key(column: str) -> tuple:
         task, _, family = column.partition(": ")
-        return task_names.index(task), family_order.get(family, len(family_order)), family
+        return task_names.index(task), family_order.get((task, family), len(family_order)), family
 
     ordered = sorted((c for c in table.columns if c not in index), key=column_key)
     table = table[[*index, *ordered]]
@@ -411,7 +446,7 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
         scores = score_table(runs)
         frames = {
             "scores": scores,
-            "main_table": main_table(scores),
+            "main_table": main_table(scores, task_reportings(runs)),
             "needle": needle_table(runs),
         }
         incomplete = incomplete_cells(runs)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 from tqdm import tqdm
 from transformers import Cache, DynamicCache, PreTrainedModel
 
@@ -20,9 +22,18 @@ from capkv.hooks import run_with_cache
 from capkv.locking import FileLock, LockHeld, locked
 from capkv.method import EvictionMethod
 from capkv.prompting import PromptIds, prompt_overhead, tokenize_prompt
-from capkv.results import ExampleLog, finished_rows, read_rows, write_metrics
+from capkv.results import (
+    CONFIG,
+    ExampleLog,
+    finished_rows,
+    read_rows,
+    stored_config,
+    write_atomically,
+    write_metrics,
+)
 from capkv.shards import UNSHARDED, Shard, select_shard
-from capkv.tasks.base import Example, Task
+from capkv.tasks.base import Example, Reporting, Task, task_reporting
+from capkv.tasks.common import prompt_limit
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +111,20 @@ def generate_one(
 
 
 def max_prompt_tokens(model: PreTrainedModel, tokenizer: Any) -> int:
-    """Longest user text (in tokens) that fits the model with its template and an answer."""
-    return model.config.max_position_embeddings - MAX_NEW_TOKENS_CAP - prompt_overhead(tokenizer)
+    """Longest user text (in tokens) that fits the model with its template and an answer: the
+    limit every task receives."""
+    window = model.config.max_position_embeddings
+    return prompt_limit(window, MAX_NEW_TOKENS_CAP, prompt_overhead(tokenizer))
 
 
 def check_fits(model: PreTrainedModel, example: Example, prompt: PromptIds) -> None:
-    limit = model.config.max_position_embeddings
-    needed = prompt.length + example.max_new_tokens
-    if needed > limit:
+    """Raise when a tokenised prompt leaves too few of the model's positions for its answer."""
+    window = model.config.max_position_embeddings
+    if prompt.length > prompt_limit(window, example.max_new_tokens):
+        needed = prompt.length + example.max_new_tokens
         raise ValueError(
             f"Example {example.example_id} needs {needed} positions ({prompt.length} prompt + "
-            f"{example.max_new_tokens} new tokens) but the model allows {limit}: choose shorter "
+            f"{example.max_new_tokens} new tokens) but the model allows {window}: choose shorter "
             "context lengths or a model with a longer window."
         )
 
@@ -165,15 +179,59 @@ class CellBusy(ValueError):
 CELL_LOCK = ".cell.lock"  # one writer of a cell's config.yaml and metrics.json at a time
 
 
-class CellLog:
+def check_same_config(run_dir: Path, resolved: dict[str, Any]) -> None:
+    """A directory holding results of other settings is never silently extended.
+
+    A setting the stored config lacks (added to the project after that folder was written)
+    matches its default value.
+    """
+    stored = stored_config(run_dir)
+    if stored is None:
+        return
+    differing = [
+        f"{section}.{key}"
+        for section in ("model", "method", "task")
+        for key in sorted(set(stored.get(section, {})) | set(resolved[section]))
+        if key != "max_examples"
+        and stored[section].get(key, field_default(resolved[section], key))
+        != resolved[section].get(key)
+    ]
+    if differing:
+        raise ValueError(
+            f"{run_dir} holds results of other settings (differs in {', '.join(differing)}); "
+            "pass variant=NAME to write them elsewhere, or delete that folder."
+        )
+
+
+def field_default(node: dict[str, Any], key: str) -> Any:
+    """The default of setting ``key`` of the dataclass a config node's ``_target_`` builds (None
+    if it has none)."""
+    try:
+        cls = get_class(node["_target_"])
+    except Exception:
+        return None
+    for setting in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+        if setting.name == key and setting.default is not dataclasses.MISSING:
+            return setting.default
+    return None
+
+
+def write_config(run_dir: Path, resolved: dict[str, Any]) -> None:
+    """Declare what a cell's folder holds before its first row (checked again here, under the
+    cell's lock, in case another process wrote other settings since planning)."""
+    check_same_config(run_dir, resolved)
+    write_atomically(run_dir / CONFIG, OmegaConf.to_yaml(resolved))
+
+
+class RunLog:
     """The rows of one cell as one shard writes them: what is done (by any shard, with any shard
     count), appending this shard's rows, writing the cell's metrics.
 
     :meth:`start` claims the (cell, shard) before the first row: an advisory lock that a second
-    process is refused (:class:`CellBusy`) and that a dead process releases, then
-    ``write_config`` (under the cell's lock). :meth:`close` writes ``metrics.json`` from the rows
-    of every shard, under the cell's lock, so shards finishing together never lose each other's
-    rows.
+    process is refused (:class:`CellBusy`) and that a dead process releases, then writes
+    ``config.yaml`` when a config is given (under the cell's lock). :meth:`close` writes
+    ``metrics.json`` from the rows of every shard, under the cell's lock, so shards finishing
+    together never lose each other's rows.
     """
 
     def __init__(
@@ -181,15 +239,17 @@ class CellLog:
         run_dir: Path,
         identity: dict[str, Any],
         shard: Shard = UNSHARDED,
-        write_config: Callable[[], None] | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.identity = identity
         self.shard = shard
-        self.write_config = write_config
-        self.rows = finished_rows(run_dir)
-        self.done = {row["example_id"] for row in self.rows}
+        self.config = config
+        self.rows: list[dict[str, Any]] = []
+        self.done: set[str] = set()
         self.example_ids: list[str] | None = None
+        # How the task reports its scores, saved in metrics.json (asked before any work).
+        self.reporting: Reporting | None = task_reporting(config["task"]) if config else None
         self._log: ExampleLog | None = None
         self._lock: FileLock | None = None
 
@@ -201,10 +261,9 @@ class CellLog:
         except LockHeld:
             raise CellBusy(busy_message(self.run_dir, self.shard)) from None
         self.example_ids = example_ids
-        if self.write_config is not None:
+        if self.config is not None:
             with locked(self.run_dir / CELL_LOCK):
-                self.write_config()
-        # Other shards may have finished examples since this log was opened.
+                write_config(self.run_dir, self.config)
         self.rows = finished_rows(self.run_dir)
         self.done = {row["example_id"] for row in self.rows}
 
@@ -220,6 +279,7 @@ class CellLog:
         """Close the file, write the metrics of the cell's rows so far, release the claim."""
         if self._log is not None:
             self._log.close()
+            self._log = None
         if self._lock is None:
             return {}
         try:
@@ -228,11 +288,50 @@ class CellLog:
                 if not self.rows:
                     return {}
                 return write_metrics(
-                    self.run_dir, self.identity, self.rows, n_expected=len(self.example_ids)
+                    self.run_dir,
+                    self.identity,
+                    self.rows,
+                    n_expected=len(self.example_ids),
+                    reporting=self.reporting,
                 )
         finally:
             self._lock.release()
             self._lock = None
+
+
+@dataclass
+class Cell:
+    """One (method, budget) cell of a run: what evicts, how much, the folder it writes, the
+    config it is written with, and its :class:`RunLog`.
+
+    Attributes
+    ----------
+    method : EvictionMethod
+        The eviction method (the full cache included).
+    budget : Budget or None
+        What it keeps; None for a method that does not evict.
+    run_dir : Path
+        The cell's folder (:func:`capkv.results.run_directory`).
+    identity : dict
+        What ``metrics.json`` says the cell is (model, task, method, budget, protocol).
+    shard : Shard
+        Which examples this process runs (all of them by default).
+    config : dict or None
+        The resolved config, written as ``config.yaml`` before the first row and refused when
+        the folder holds results of other settings; its task says how the scores are reported
+        (saved in ``metrics.json``). None writes neither.
+    """
+
+    method: EvictionMethod
+    budget: Budget | None
+    run_dir: Path
+    identity: dict[str, Any]
+    shard: Shard = UNSHARDED
+    config: dict[str, Any] | None = None
+    log: RunLog = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.log = RunLog(self.run_dir, self.identity, self.shard, self.config)
 
 
 def shard_lock_path(run_dir: Path, shard: Shard) -> Path:
@@ -249,42 +348,33 @@ def busy_message(run_dir: Path, shard: Shard) -> str:
 
 
 def run_cell(
-    model: PreTrainedModel,
-    tokenizer: Any,
-    task: Task,
-    method: EvictionMethod,
-    budget: Budget | None,
-    protocol: str,
-    run_dir: Path,
-    identity: dict[str, Any],
-    shard: Shard = UNSHARDED,
-    write_config: Callable[[], None] | None = None,
+    model: PreTrainedModel, tokenizer: Any, task: Task, cell: Cell, protocol: str
 ) -> dict[str, Any]:
-    """Run every unfinished example of ``task`` in ``shard`` and write rows and metrics into
-    ``run_dir`` (``write_config`` runs before the first row; see :class:`CellLog`).
+    """Run every unfinished example of ``task`` in the cell's shard and write rows and metrics
+    into its folder (its config before the first row; see :class:`RunLog`).
 
     Returns the metrics written.
     """
     check_protocol(protocol)
-    cell = CellLog(run_dir, identity, shard, write_config)
-    plan = prepared_examples(model, tokenizer, task, shard)
-    cell.start(plan.example_ids)
+    plan = prepared_examples(model, tokenizer, task, cell.shard)
+    cell.log.start(plan.example_ids)
+    done = cell.log.done
     todo = [
-        (example, prompt)
-        for example, prompt in plan.prepared
-        if example.example_id not in cell.done
+        (example, prompt) for example, prompt in plan.prepared if example.example_id not in done
     ]
-    if cell.done:
-        log.info("%s: %d examples already done, %d to go", run_dir, len(cell.done), len(todo))
+    if done:
+        log.info("%s: %d examples already done, %d to go", cell.run_dir, len(done), len(todo))
     try:
-        progress = tqdm(todo, desc=f"{identity['method']} {identity['budget']}", unit="example")
+        progress = tqdm(
+            todo, desc=f"{cell.identity['method']} {cell.identity['budget']}", unit="example"
+        )
         for example, prompt in progress:
             start = time.perf_counter()
             prediction, record = generate_one(
-                model, tokenizer, method, budget, protocol, prompt, example.max_new_tokens
+                model, tokenizer, cell.method, cell.budget, protocol, prompt, example.max_new_tokens
             )
             seconds = time.perf_counter() - start
-            cell.append(result_row(task, example, prompt, prediction, record, seconds))
+            cell.log.append(result_row(task, example, prompt, prediction, record, seconds))
     finally:
-        metrics = cell.close()
+        metrics = cell.log.close()
     return metrics

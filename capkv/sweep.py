@@ -21,21 +21,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
-from capkv.budget import Budget
 from capkv.decoding import batched_greedy_generate, check_batchable
 from capkv.diagnostics import CapacityProbe, attention_errors, decoding_queries
 from capkv.engine import CompressionRecord, gathered_cache, record_kept
-from capkv.method import EvictionMethod
 from capkv.prompting import PromptIds
 from capkv.runner import (
-    CellLog,
+    Cell,
     check_protocol,
     decode,
     prefill,
@@ -152,20 +149,11 @@ def uses_batched_decoding(model: PreTrainedModel, decode_batch: bool | None) -> 
     return decode_batch
 
 
-@dataclass
-class SweepCell:
-    """One (method, budget) cell of a sweep and the run directory it writes."""
-
-    method: EvictionMethod
-    budget: Budget | None
-    log: CellLog
-
-
 def run_sweep(
     model: PreTrainedModel,
     tokenizer: Any,
     task: Task,
-    cells: list[SweepCell],
+    cells: list[Cell],
     protocol: str,
     diagnostics: bool = False,
     decode_batch: bool | None = None,

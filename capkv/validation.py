@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from capkv.decoding import check_head_masking
 from capkv.method import EvictionMethod
-from capkv.models import resolve_attn_implementation
+from capkv.models.support import resolve_attn_implementation
 from capkv.runner import check_protocol
 
 

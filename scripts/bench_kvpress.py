@@ -32,8 +32,8 @@ from capkv.interop import KvpressMethod
 from capkv.interop.environment import import_kvpress
 from capkv.models import load_model
 from capkv.results import finished_rows
-from capkv.runner import CellLog, decode, prefill, prefill_ids, prepared_examples
-from capkv.sweep import SweepCell, run_sweep
+from capkv.runner import Cell, decode, prefill, prefill_ids, prepared_examples
+from capkv.sweep import run_sweep
 from capkv.tasks.needle import NeedleTask
 
 PRESSES = ("TOVAPress", "KnormPress", "ExpectedAttentionPress", "SnapKVPress", "StreamingLLMPress")
@@ -54,13 +54,13 @@ def time_sweep(model, tokenizer, task, presses, folder: Path) -> tuple[float, di
                 "budget": Budget(ratio=ratio).label,
                 "protocol": PROTOCOL,
             }
-            log = CellLog(folder / f"{press}-{ratio}", identity)
-            cells[press, ratio] = SweepCell(method, Budget(ratio=ratio), log)
+            run_dir = folder / f"{press}-{ratio}"
+            cells[press, ratio] = Cell(method, Budget(ratio=ratio), run_dir, identity)
     start = time.perf_counter()
     run_sweep(model, tokenizer, task, list(cells.values()), PROTOCOL)
     seconds = time.perf_counter() - start
     predictions = {
-        key: [row["prediction"] for row in finished_rows(cell.log.run_dir)]
+        key: [row["prediction"] for row in finished_rows(cell.run_dir)]
         for key, cell in cells.items()
     }
     return seconds, predictions

@@ -37,8 +37,8 @@ from baselines import H2O, PyramidKV, SnapKV, StreamingLLM
 from capkv import Budget, CapKV
 from capkv.models import load_model
 from capkv.results import finished_rows
-from capkv.runner import CellLog, decode, prefill, prefill_ids, prepared_examples, run_cell
-from capkv.sweep import SweepCell, run_sweep
+from capkv.runner import Cell, decode, prefill, prefill_ids, prepared_examples, run_cell
+from capkv.sweep import run_sweep
 from capkv.tasks.needle import NeedleTask
 
 RATIOS = (0.25, 0.5, 0.75, 0.9)
@@ -80,9 +80,7 @@ def identity(name: str, budget: Budget) -> dict[str, str]:
 
 def time_sweep(model, tokenizer, task, folder: Path, decode_batch: bool = False) -> float:
     cells = [
-        SweepCell(
-            method, Budget(ratio=r), CellLog(folder / f"{n}-{r}", identity(n, Budget(ratio=r)))
-        )
+        Cell(method, Budget(ratio=r), folder / f"{n}-{r}", identity(n, Budget(ratio=r)))
         for n, method in our_methods().items()
         for r in RATIOS
     ]
@@ -96,16 +94,8 @@ def time_separate(model, tokenizer, task, folder: Path) -> float:
     for name, method in our_methods().items():
         for ratio in RATIOS:
             budget = Budget(ratio=ratio)
-            run_cell(
-                model,
-                tokenizer,
-                task,
-                method,
-                budget,
-                PROTOCOL,
-                folder / f"{name}-{ratio}",
-                identity(name, budget),
-            )
+            cell = Cell(method, budget, folder / f"{name}-{ratio}", identity(name, budget))
+            run_cell(model, tokenizer, task, cell, PROTOCOL)
     return time.perf_counter() - start
 
 

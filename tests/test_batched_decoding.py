@@ -28,8 +28,8 @@ from capkv.engine import gathered_cache, record_kept
 from capkv.hooks import run_with_cache
 from capkv.models import build_tiny_model
 from capkv.results import finished_rows
-from capkv.runner import CellLog
-from capkv.sweep import SweepCell, decoding_groups, run_sweep
+from capkv.runner import Cell
+from capkv.sweep import decoding_groups, run_sweep
 from capkv.tasks.needle import NeedleTask
 from tests.conftest import random_prompt
 
@@ -116,13 +116,11 @@ def test_padding_groups_keep_the_full_cache_apart():
 
 def sweep_cells(root, cells):
     return [
-        SweepCell(
+        Cell(
             method,
             budget,
-            CellLog(
-                root / name,
-                {"model": "m", "task": "t", "method": name, "budget": "b", "protocol": "p"},
-            ),
+            root / name,
+            {"model": "m", "task": "t", "method": name, "budget": "b", "protocol": "p"},
         )
         for name, (method, budget) in cells.items()
     ]

@@ -316,7 +316,7 @@ def test_a_local_job_keeps_one_of_the_gpus_it_sees(monkeypatch):
 @pytest.mark.slow
 def test_jobs_starting_together_convert_smollm2_once(tmp_path):
     code = (
-        "import sys; import capkv.models as m; convert = m._convert_smollm2\n"
+        "import sys; import capkv.models.smollm2 as m; convert = m._convert_smollm2\n"
         "def counted(*args):\n"
         "    print('converted', flush=True)\n"
         "    return convert(*args)\n"

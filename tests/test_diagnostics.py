@@ -11,8 +11,8 @@ from capkv.diagnostics import CapacityProbe, attention_errors, decoding_queries
 from capkv.engine import record_kept
 from capkv.hooks import run_with_cache
 from capkv.results import finished_rows
-from capkv.runner import CellLog
-from capkv.sweep import SweepCell, run_sweep
+from capkv.runner import Cell
+from capkv.sweep import run_sweep
 from capkv.tasks.needle import NeedleTask
 from tests.conftest import random_prompt
 
@@ -70,7 +70,7 @@ def test_sweep_rows_carry_diagnostics_and_metrics_average_them(tmp_path, gqa_mod
     model, tokenizer = gqa_model
     task = NeedleTask(context_lengths=[250], depths=[0, 100])
     identity = {"model": "m", "task": "t", "method": "c", "budget": "b", "protocol": "query_aware"}
-    cells = [SweepCell(CapKV(), Budget(tokens=64), CellLog(tmp_path / "c", identity))]
+    cells = [Cell(CapKV(), Budget(tokens=64), tmp_path / "c", identity)]
     (metrics,) = run_sweep(model, tokenizer, task, cells, "query_aware", diagnostics=True)
     rows = finished_rows(tmp_path / "c")
     assert all(set(row["diagnostics"]) == {"capacity_fraction", "attention_error"} for row in rows)

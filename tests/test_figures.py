@@ -11,6 +11,7 @@ import pytest
 
 from capkv.figures import budget_sort_key, fitted_title, main, parse_budget, safe_name
 from capkv.results import EXAMPLES, ExampleLog, run_directory, write_metrics
+from capkv.tasks.base import task_reporting
 
 MODEL = "org/tiny-0.5b"  # a slash and a dot: file names must be path-safe and whole
 PROTOCOL = "query_aware"
@@ -72,7 +73,11 @@ def write_run(results: Path, task: str, method: str, budget: str, rows: list[dic
     for example in rows:
         log.append(example)
     log.close()
-    write_metrics(run_dir, identity, rows)
+    target = {
+        "needle": "capkv.tasks.needle.NeedleTask",
+        "longbench": "capkv.tasks.longbench.LongBench",
+    }
+    write_metrics(run_dir, identity, rows, reporting=task_reporting({"_target_": target[task]}))
 
 
 def draw_tree(base: Path) -> tuple[Path, str]:

@@ -26,7 +26,7 @@ from capkv.results import (
     run_directory,
     write_atomically,
 )
-from capkv.runner import run_cell
+from capkv.runner import Cell, run_cell
 from capkv.tasks.base import capped
 from capkv.tasks.needle import NeedleTask
 from capkv.tasks.ruler import RulerSuite
@@ -239,8 +239,8 @@ def test_a_run_recomputes_only_the_damaged_line(tmp_path, monkeypatch):
     model, tokenizer = build_tiny_model()
     task = NeedleTask(context_lengths=[200], depths=[0, 50, 100])
     identity = dict(zip(RUN_KEYS, NEEDLE_CELL, strict=True))
-    args = (model, tokenizer, task, SnapKV(window=8), Budget(tokens=64), "query_aware")
-    run_cell(*args, tmp_path, identity)
+    args = (model, tokenizer, task)
+    run_cell(*args, Cell(SnapKV(window=8), Budget(tokens=64), tmp_path, identity), "query_aware")
     reference = finished_rows(tmp_path)
     lines = (tmp_path / EXAMPLES).read_text().splitlines()
     lines[1] = lines[1][:30]  # the middle row is damaged
@@ -248,7 +248,7 @@ def test_a_run_recomputes_only_the_damaged_line(tmp_path, monkeypatch):
     calls = []
     original = runner.generate_one
     monkeypatch.setattr(runner, "generate_one", lambda *a: calls.append(1) or original(*a))
-    run_cell(*args, tmp_path, identity)
+    run_cell(*args, Cell(SnapKV(window=8), Budget(tokens=64), tmp_path, identity), "query_aware")
     assert len(calls) == 1
     resumed = finished_rows(tmp_path)
     assert [r["example_id"] for r in resumed] == [reference[i]["example_id"] for i in (0, 2, 1)]

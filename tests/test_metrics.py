@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from capkv.metrics import (
+from capkv.tasks.longbench import DATASETS
+from capkv.tasks.longbench.metrics import (
     DATASET_METRIC,
     METRICS,
     best_score,
@@ -19,7 +20,6 @@ from capkv.metrics import (
     rouge_score,
     score_prediction,
 )
-from capkv.tasks.longbench import DATASETS
 
 CLASSES = ["Date", "Date of birth", "City", "Country"]
 

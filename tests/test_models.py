@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from capkv import models
 from capkv.hooks import rope_theta
 from capkv.models import (
     SUPPORTED_MODEL_TYPES,
@@ -19,6 +18,7 @@ from capkv.models import (
     check_supported,
     load_model,
     load_smollm2,
+    smollm2,
     tiny_llama_config,
 )
 
@@ -158,7 +158,7 @@ def test_smollm2_converts_once_then_loads_from_cache(monkeypatch, tmp_path):
 
     # The second load must come from the cache alone.
     missing = tmp_path / "missing.gguf"
-    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: missing)
+    monkeypatch.setattr(smollm2, "smollm2_gguf_path", lambda: missing)
     cached, cached_tokenizer = load_smollm2(cache_dir=cache)
     assert not hasattr(cached.config, "quantization_config")
 
@@ -181,8 +181,8 @@ def test_smollm2_converts_once_then_loads_from_cache(monkeypatch, tmp_path):
 
 def test_smollm2_default_cache_follows_capkv_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("CAPKV_CACHE", str(tmp_path))
-    assert models.default_smollm2_cache() == tmp_path / "models" / "smollm2-135m-instruct"
+    assert smollm2.default_smollm2_cache() == tmp_path / "models" / "smollm2-135m-instruct"
     monkeypatch.delenv("CAPKV_CACHE")
-    assert models.default_smollm2_cache() == (
+    assert smollm2.default_smollm2_cache() == (
         Path.home() / ".cache" / "capkv" / "models" / "smollm2-135m-instruct"
     )

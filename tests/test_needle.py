@@ -9,15 +9,9 @@ from transformers import PreTrainedTokenizerFast
 
 from capkv.tasks import haystack as haystack_module
 from capkv.tasks.base import Example
+from capkv.tasks.common import MAGIC_NUMBER_INTRO, prompt_tokens
 from capkv.tasks.haystack import build_haystack, essay_dir, essay_files, read_essays
-from capkv.tasks.needle import (
-    MAGIC_NUMBER_INTRO,
-    NeedleTask,
-    digit_similarity,
-    levenshtein,
-    prompt_tokens,
-    rouge1_recall,
-)
+from capkv.tasks.needle import NeedleTask, digit_similarity, levenshtein, rouge1_recall
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"

@@ -10,16 +10,15 @@ from transformers import PreTrainedTokenizerFast
 
 from capkv.tasks.base import Example
 from capkv.tasks.ruler import (
-    RULER_TASKS,
+    SUBTASKS,
     CommonWordsTask,
     FrequentWordsTask,
-    NiahMultiKey,
-    NiahMultiQuery,
-    NiahMultiValue,
     NiahTask,
     RulerSuite,
     VariableTrackingTask,
+    ruler_variant,
     string_match_all,
+    variants,
 )
 
 LENGTH = 1024
@@ -39,9 +38,9 @@ def sequence_tokens(tokenizer, example: Example) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + example.max_new_tokens
 
 
-@pytest.mark.parametrize("subtask", list(RULER_TASKS))
+@pytest.mark.parametrize("subtask", SUBTASKS)
 def test_examples_are_answerable_fill_their_length_and_score(tokenizer, subtask: str) -> None:
-    task = RULER_TASKS[subtask](context_lengths=[LENGTH], num_examples=2)
+    task = ruler_variant(subtask, context_lengths=[LENGTH], num_examples=2)
     examples = generate(task, tokenizer)
     assert [e.example_id for e in examples] == [f"{subtask}_len1024_000", f"{subtask}_len1024_001"]
     for example in examples:
@@ -82,18 +81,18 @@ def test_niah_variants_hide_and_ask_as_ruler_does(tokenizer) -> None:
     assert single.question.startswith("\nWhat is the special magic number for ")
     assert single.answer_prefix.endswith("mentioned in the provided text is")
 
-    (multikey,) = generate(NiahMultiKey(**kwargs), tokenizer)
+    (multikey,) = generate(ruler_variant("niah_multikey", **kwargs), tokenizer)
     needles = needles_of(multikey)
     assert len({key for key, _ in needles}) == 4 and len(multikey.answers) == 1
     asked = re.search(r"number for (\S+) mentioned", multikey.question).group(1)
     assert multikey.answers == [value for key, value in needles if key == asked]
 
-    (multivalue,) = generate(NiahMultiValue(**kwargs), tokenizer)
+    (multivalue,) = generate(ruler_variant("niah_multivalue", **kwargs), tokenizer)
     assert len(needles_of(multivalue)) == 4 and len({k for k, _ in needles_of(multivalue)}) == 1
     assert sorted(multivalue.answers) == sorted(v for _, v in needles_of(multivalue))
     assert multivalue.question.startswith("\nWhat are all the special magic numbers for ")
 
-    (multiquery,) = generate(NiahMultiQuery(**kwargs), tokenizer)
+    (multiquery,) = generate(ruler_variant("niah_multiquery", **kwargs), tokenizer)
     keys = [key for key, _ in needles_of(multiquery)]
     assert len(keys) == 4 and len(multiquery.answers) == 4
     assert ", and " in multiquery.question and all(key in multiquery.question for key in keys)
@@ -149,7 +148,8 @@ def test_frequent_words_follow_the_zipf_ranking(tokenizer) -> None:
 def test_suite_covers_every_subtask_and_scores_each(tokenizer) -> None:
     suite = RulerSuite(context_lengths=[LENGTH], num_examples=1)
     examples = generate(suite, tokenizer)
-    assert [e.metadata["subtask"] for e in examples] == list(RULER_TASKS)
+    assert [e.metadata["subtask"] for e in examples] == list(SUBTASKS)
+    assert sorted(SUBTASKS) == variants()  # every configured variant is in the suite
     assert len({e.example_id for e in examples}) == len(examples)
     for example in examples:
         assert suite.score(" ".join(example.answers), example) == {"string_match_all": 1.0}

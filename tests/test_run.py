@@ -19,7 +19,7 @@ from capkv.interop import kvpress_problem
 from capkv.method import EvictionMethod
 from capkv.models import build_tiny_model
 from capkv.results import EXAMPLES, METRICS, finished_rows, run_directory
-from capkv.runner import run_cell
+from capkv.runner import Cell, run_cell
 from capkv.tasks.needle import NeedleTask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +87,11 @@ def test_smoke_run_needle_and_longbench(tmp_path):
     assert stored.versions == {"transformers": transformers.__version__, "torch": torch.__version__}
     metrics = json.loads((needle_dir / METRICS).read_text())
     assert metrics["n_examples"] == 4
+    assert (metrics["benchmark"], metrics["headline"], metrics["families"]) == (
+        "needle",
+        "exact",
+        {},
+    )
 
     run(
         tmp_path,
@@ -103,6 +108,12 @@ def test_smoke_run_needle_and_longbench(tmp_path):
     )
     metrics = json.loads((longbench_dir / METRICS).read_text())
     assert set(metrics["subtasks"]) == {"qasper", "trec", "passage_count"}
+    assert (metrics["benchmark"], metrics["headline"]) == ("longbench", "score")
+    assert metrics["families"] == {
+        "qasper": "Single-doc QA",
+        "trec": "Few-shot",
+        "passage_count": "Synthetic",
+    }
     for name in ("scores.csv", "scores.md", "main_table.csv", "needle.csv"):
         assert (tmp_path / "results" / name).stat().st_size > 0
 
@@ -131,17 +142,8 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
         "budget": "budget64",
         "protocol": "query_aware",
     }
-    args = (
-        model,
-        tokenizer,
-        task,
-        SnapKV(window=8),
-        Budget(tokens=64),
-        "query_aware",
-        run_dir,
-        identity,
-    )
-    reference = run_cell(*args)
+    args = (model, tokenizer, task, Cell(SnapKV(window=8), Budget(tokens=64), run_dir, identity))
+    reference = run_cell(*args, "query_aware")
     reference_rows = finished_rows(run_dir)
 
     # Simulate a kill in the middle of the fourth example, after a torn write.
@@ -151,7 +153,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     calls = []
     original = runner.generate_one
     monkeypatch.setattr(runner, "generate_one", lambda *a: calls.append(1) or original(*a))
-    resumed = run_cell(*args)
+    resumed = run_cell(*args, "query_aware")
     assert len(calls) == 3
     assert finished_rows(run_dir) == [
         {**row, "seconds": new["seconds"]}
@@ -166,7 +168,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     (run_dir / EXAMPLES).write_text("".join(lines[:2]))
     monkeypatch.setattr(runner, "generate_one", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        run_cell(*args)
+        run_cell(*args, "query_aware")
     assert json.loads((run_dir / METRICS).read_text())["n_examples"] == 2
 
 

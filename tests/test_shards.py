@@ -17,9 +17,9 @@ import pytest
 from baselines import StreamingLLM
 from capkv import Budget, CapKV
 from capkv.results import METRICS, aggregate, finished_rows, rows_files, run_directory
-from capkv.runner import CellBusy, CellLog, shard_lock_path
+from capkv.runner import Cell, CellBusy, RunLog, shard_lock_path
 from capkv.shards import Shard, check_shards, select_shard, shard_assignment
-from capkv.sweep import SweepCell, run_sweep
+from capkv.sweep import run_sweep
 from capkv.tasks.base import Example
 from capkv.tasks.needle import NeedleTask
 
@@ -113,10 +113,12 @@ def identity(method: str) -> dict[str, str]:
 def sweep(results, model, tokenizer, shard: Shard) -> list[dict]:
     """A 2-cell sweep of TASK's 9 examples into ``results``, as one shard."""
     cells = [
-        SweepCell(
+        Cell(
             method,
             Budget(tokens=64),
-            CellLog(run_directory(results, **identity(name)), identity(name), shard),
+            run_directory(results, **identity(name)),
+            identity(name),
+            shard,
         )
         for name, method in [("capkv", CapKV()), ("streamingllm", StreamingLLM())]
     ]
@@ -178,22 +180,22 @@ def test_resuming_with_another_shard_count_runs_each_example_once(tmp_path, gqa_
 
 def test_a_second_writer_of_a_cell_and_shard_is_refused_until_the_first_is_gone(tmp_path):
     run_dir = tmp_path / "cell"
-    first = CellLog(run_dir, identity("capkv"), Shard(0, 2))
+    first = RunLog(run_dir, identity("capkv"), Shard(0, 2))
     first.start(["a", "b"])
     with pytest.raises(CellBusy) as error:
-        CellLog(run_dir, identity("capkv"), Shard(0, 2)).start(["a", "b"])
+        RunLog(run_dir, identity("capkv"), Shard(0, 2)).start(["a", "b"])
     assert str(error.value).startswith(f"Another process is writing shard 0 of 2 of {run_dir}")
-    CellLog(run_dir, identity("capkv"), Shard(1, 2)).start(["a", "b"])  # another shard: fine
+    RunLog(run_dir, identity("capkv"), Shard(1, 2)).start(["a", "b"])  # another shard: fine
     first.close()
-    CellLog(run_dir, identity("capkv"), Shard(0, 2)).start(["a", "b"])
+    RunLog(run_dir, identity("capkv"), Shard(0, 2)).start(["a", "b"])
 
 
 def test_a_killed_writer_releases_its_cell_and_shard(tmp_path):
     run_dir = tmp_path / "cell"
     code = (
-        "import sys, time; from pathlib import Path; from capkv.runner import CellLog; "
+        "import sys, time; from pathlib import Path; from capkv.runner import RunLog; "
         "from capkv.shards import Shard; "
-        "CellLog(Path(sys.argv[1]), {}, Shard(0, 2)).start([]); print('held', flush=True); "
+        "RunLog(Path(sys.argv[1]), {}, Shard(0, 2)).start([]); print('held', flush=True); "
         "time.sleep(60)"
     )
     holder = subprocess.Popen(
@@ -205,10 +207,10 @@ def test_a_killed_writer_releases_its_cell_and_shard(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(CellBusy):
-            CellLog(run_dir, identity("capkv"), Shard(0, 2)).start([])
+            RunLog(run_dir, identity("capkv"), Shard(0, 2)).start([])
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     time.sleep(0.1)
     assert shard_lock_path(run_dir, Shard(0, 2)).exists()  # the file stays, the lock does not
-    CellLog(run_dir, identity("capkv"), Shard(0, 2)).start([])
+    RunLog(run_dir, identity("capkv"), Shard(0, 2)).start([])

@@ -11,8 +11,8 @@ from capkv import Budget, CapKV, evict
 from capkv.engine import gathered_cache, record_kept
 from capkv.hooks import run_with_cache
 from capkv.results import finished_rows
-from capkv.runner import CellLog, run_cell
-from capkv.sweep import SweepCell, run_sweep
+from capkv.runner import Cell, run_cell
+from capkv.sweep import run_sweep
 from capkv.tasks.needle import NeedleTask
 from tests.conftest import random_prompt
 
@@ -75,18 +75,15 @@ def test_sweep_rows_equal_separate_runs(protocol, tmp_path, gqa_model):
         }
 
     sweep_cells = [
-        SweepCell(
-            method, budget, CellLog(tmp_path / "sweep" / f"{name}-{i}", identity(name, budget))
-        )
+        Cell(method, budget, tmp_path / "sweep" / f"{name}-{i}", identity(name, budget))
         for i, (name, method, budget) in enumerate(cells)
     ]
     sweep_metrics = run_sweep(model, tokenizer, task, sweep_cells, protocol)
     predictions = set()
     for i, (name, method, budget) in enumerate(cells):
         separate_dir = tmp_path / "separate" / f"{name}-{i}"
-        metrics = run_cell(
-            model, tokenizer, task, method, budget, protocol, separate_dir, identity(name, budget)
-        )
+        separate = Cell(method, budget, separate_dir, identity(name, budget))
+        metrics = run_cell(model, tokenizer, task, separate, protocol)
         separate_rows = finished_rows(separate_dir)
         sweep_rows = finished_rows(tmp_path / "sweep" / f"{name}-{i}")
         assert len(sweep_rows) == len(separate_rows) == 4
@@ -104,19 +101,17 @@ def test_sweep_resumes_only_the_missing_cells(tmp_path, gqa_model):
 
     def make_cells():
         return [
-            SweepCell(
+            Cell(
                 m,
                 b,
-                CellLog(
-                    tmp_path / n,
-                    {
-                        "model": "m",
-                        "task": "t",
-                        "method": n,
-                        "budget": "b",
-                        "protocol": "query_aware",
-                    },
-                ),
+                tmp_path / n,
+                {
+                    "model": "m",
+                    "task": "t",
+                    "method": n,
+                    "budget": "b",
+                    "protocol": "query_aware",
+                },
             )
             for n, m, b in [
                 ("snap", SnapKV(window=8), Budget(tokens=64)),

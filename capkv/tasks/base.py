@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from hydra.utils import get_class
 
 
 @dataclass
@@ -54,10 +56,64 @@ class Example:
 Scorer = Callable[[str, list[str], dict[str, Any]], "float | dict[str, float]"]
 
 
+@dataclass(frozen=True)
+class Reporting:
+    """How a task's scores are reported; every run saves it in its ``metrics.json``.
+
+    Attributes
+    ----------
+    benchmark : str
+        The benchmark the task belongs to (``needle``, ``ruler``, ``longbench``, ``custom``);
+        the needle's runs also get a per-example table.
+    headline : str
+        The score the main table reports (a key of the task's scores).
+    families : dict[str, str]
+        The family of each subtask, in the benchmark's order; the main table adds a column per
+        family. A subtask not named is a family of its own.
+    """
+
+    benchmark: str
+    headline: str
+    families: dict[str, str] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        """The ``metrics.json`` fields."""
+        return {"benchmark": self.benchmark, "headline": self.headline, "families": self.families}
+
+    @classmethod
+    def from_fields(cls, saved: Mapping[str, Any]) -> Reporting | None:
+        """What :meth:`fields` saved; None where a file lacks it (runs of older versions)."""
+        if not all(key in saved for key in ("benchmark", "headline", "families")):
+            return None
+        return cls(saved["benchmark"], saved["headline"], dict(saved["families"]))
+
+
+def task_reporting(task_config: Mapping[str, Any]) -> Reporting:
+    """The :class:`Reporting` of the task a config describes (the ``task`` section of a run's
+    config), asked of its ``_target_`` class without building the task (no data is read)."""
+    target = task_config["_target_"]
+    reporting = getattr(get_class(target), "reporting", None)
+    if reporting is None:
+        raise ValueError(
+            f"The task class {target} does not say how its scores are reported; give it a "
+            "classmethod reporting(config) -> capkv.tasks.base.Reporting."
+        )
+    return reporting(task_config)
+
+
 class Task(Protocol):
-    """A task yields examples and scores predictions; one task = one results directory."""
+    """A task yields examples and scores predictions; one task = one results directory.
+
+    A task class also says how its scores are reported (:class:`Reporting`) from its config
+    alone, so that results folders of any age can be tabled.
+    """
 
     name: str
+
+    @classmethod
+    def reporting(cls, config: Mapping[str, Any]) -> Reporting:
+        """Benchmark, headline score and subtask families of the task ``config`` builds."""
+        ...
 
     def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
         """Yield the examples; ``max_prompt_tokens`` bounds the tokenised prompt length."""

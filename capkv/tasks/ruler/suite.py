@@ -1,0 +1,112 @@
+"""The RULER suite: several RULER tasks as one task, each a configuration of its family's class.
+
+Each subtask is a file ``conf/task/ruler/<subtask>.yaml``: the ``_target_`` class of its family
+(:mod:`capkv.tasks.ruler.niah`, ``variable_tracking``, ``common_words``, ``frequent_words``) and
+the settings that make the variant (``num_keys: 4`` for niah_multikey...). A new variant is a new
+file there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+
+from capkv.tasks.base import Example, Reporting
+from capkv.tasks.ruler.base import RulerTask
+
+VARIANTS_DIR = Path(__file__).resolve().parents[3] / "conf" / "task" / "ruler"
+# The seven subtasks of the suite, in RULER's order (its families: NIAH, tracing, aggregation).
+SUBTASKS = (
+    "niah_single",
+    "niah_multikey",
+    "niah_multivalue",
+    "niah_multiquery",
+    "vt",
+    "cwe",
+    "fwe",
+)
+HEADLINE = "string_match_all"
+
+
+def variants() -> list[str]:
+    """The subtasks configured under ``conf/task/ruler/``."""
+    return sorted(path.stem for path in VARIANTS_DIR.glob("*.yaml"))
+
+
+def ruler_variant(subtask: str, **settings: Any) -> RulerTask:
+    """The RULER task of ``conf/task/ruler/<subtask>.yaml``, with ``settings`` (context lengths,
+    examples, seed, haystack...) passed where its class has them.
+
+    Raises
+    ------
+    ValueError
+        If no such file exists.
+    """
+    path = VARIANTS_DIR / f"{subtask}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown RULER subtasks {[subtask]}; choose from {variants()}")
+    config = OmegaConf.load(path)
+    accepted = {f.name for f in fields(get_class(config._target_))}
+    chosen = {key: value for key, value in settings.items() if key in accepted}
+    return instantiate(config, subtask=subtask, name=f"ruler_{subtask}", **chosen)
+
+
+@dataclass
+class RulerSuite:
+    """Several RULER tasks as one task; scores are reported per ``metadata["subtask"]``.
+
+    Parameters
+    ----------
+    subtasks : list[str]
+        Names of files under ``conf/task/ruler/`` (the seven of :data:`SUBTASKS` by default).
+    context_lengths, num_examples, seed :
+        Passed to every subtask.
+    haystack : str
+        Passed to the subtasks that have one (NIAH and variable tracking).
+    name : str
+        Results directory name.
+    """
+
+    subtasks: list[str] = field(default_factory=lambda: list(SUBTASKS))
+    context_lengths: list[int] = field(default_factory=lambda: [4096])
+    num_examples: int = 20
+    seed: int = 42
+    haystack: str = "essay"
+    name: str = "ruler"
+    tasks: dict[str, RulerTask] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.subtasks) - set(variants()))
+        if unknown:
+            raise ValueError(f"unknown RULER subtasks {unknown}; choose from {variants()}")
+        shared = {
+            "context_lengths": list(self.context_lengths),
+            "num_examples": self.num_examples,
+            "seed": self.seed,
+            "haystack": self.haystack,
+        }
+        self.tasks = {subtask: ruler_variant(subtask, **shared) for subtask in self.subtasks}
+
+    @classmethod
+    def reporting(cls, config: Mapping[str, Any]) -> Reporting:
+        """RULER's headline (``string_match_all``) and each subtask's family."""
+        subtasks = config.get("subtasks", SUBTASKS)
+        families = {subtask: ruler_variant(subtask).family for subtask in subtasks}
+        return Reporting("ruler", HEADLINE, families)
+
+    def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
+        """Every subtask's examples, in ``subtasks`` order, all checked before the first yield."""
+        yield from [
+            example
+            for task in self.tasks.values()
+            for example in task.examples(tokenizer, max_prompt_tokens)
+        ]
+
+    def score(self, prediction: str, example: Example) -> dict[str, float]:
+        """The score of the example's own subtask."""
+        return self.tasks[example.metadata["subtask"]].score(prediction, example)
