@@ -55,18 +55,19 @@ bench: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/python run.py
 
-# The paper's experiments on SmolLM2-135M-Instruct (CPU); resumable, then the figures.
+# The paper's experiments on SmolLM2-135M-Instruct (CPU); resumable, then the tables and figures.
 reproduce: $(VENV)/.installed
 	$(BIN)/python run.py experiment=needle_heatmaps
 	$(BIN)/python run.py experiment=needle_context_limit
 	$(BIN)/python run.py experiment=ruler
-	$(MAKE) figures
+	$(MAKE) tables figures
 
 # The tables of results/ rebuilt from its run folders (a multirun does this once at its end).
 tables: $(VENV)/.installed
 	$(BIN)/python -m capkv.results results
 	$(BIN)/python -m capkv.results results/context_limit
 
+# Plots from the tables alone (never rewrites results/; refuses tables older than the runs).
 figures: $(VENV)/.installed
 	$(BIN)/python -m capkv.figures
 	$(BIN)/python -m capkv.figures --results results/context_limit --plots plots/context_limit

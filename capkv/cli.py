@@ -24,8 +24,10 @@ from capkv.method import EvictionMethod
 from capkv.results import (
     CONFIG,
     aggregate,
+    identity_directory,
     markdown,
-    run_directory,
+    method_label,
+    run_identity,
     stored_config,
     write_atomically,
 )
@@ -190,14 +192,9 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
         method: EvictionMethod = instantiate(method_cfg)
         budgets = planned_budgets(cfg, method) if sweeping else [choose_budget(cfg, method)]
         for budget in budgets:
-            method_name = name + (f"-{cfg.variant}" if cfg.variant else "")
-            identity = {
-                "model": choices["model"],
-                "task": task_name,
-                "method": method_name,
-                "budget": budget.label if budget is not None else "full",
-                "protocol": cfg.protocol,
-            }
+            identity = run_identity(
+                choices["model"], task_name, name, cfg.variant, budget, cfg.protocol
+            )
             resolved = {
                 **base,
                 "method": OmegaConf.to_container(method_cfg, resolve=True),
@@ -205,7 +202,7 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[PlannedCell]:
                 "ratio": budget.ratio if budget is not None else None,
                 "versions": library_versions(),
             }
-            run_dir = run_directory(results_dir, **identity)
+            run_dir = identity_directory(results_dir, identity)
             check_same_config(run_dir, resolved)
             if is_held(shard_lock_path(run_dir, shard)):
                 raise CellBusy(busy_message(run_dir, shard))
@@ -273,7 +270,8 @@ def print_metrics(metrics: dict[str, Any], run_dir: Path) -> None:
     rows = [{"subtask": "average", **metrics["scores"]}]
     rows += [{"subtask": name, **scores} for name, scores in metrics["subtasks"].items()]
     title = (
-        f"{metrics['model']} | {metrics['task']} | {metrics['method']} | {metrics['budget']} | "
+        f"{metrics['model']} | {metrics['task']} | "
+        f"{method_label(metrics['method'], metrics['variant'])} | {metrics['budget']} | "
         f"{metrics['protocol']} | {held_examples(metrics)} examples, mean "
         f"{metrics['mean_kept_tokens']:.0f} of {metrics['mean_prompt_tokens']:.0f} tokens kept"
     )

@@ -33,6 +33,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from capkv.budget import Budget
 from capkv.locking import locked
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,22 @@ TABLES_LOCK = ".tables.lock"
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
 DIAGNOSTICS = ("capacity_fraction", "attention_error")  # see capkv.diagnostics
-RUN_KEYS = ["model", "task", "method", "budget", "protocol"]
+# What one run is, as separate fields: ``method`` is the method's name (its conf/method option),
+# ``variant`` the name given to other hyperparameters (empty by default), ``budget_tokens`` and
+# ``ratio`` the budget (at most one set; neither for the full cache). ``budget`` is the budget's
+# label (``budget512``, ``ratio0.5``, ``full``): a folder name and a display, never parsed.
+IDENTITY_KEYS = [
+    "model",
+    "task",
+    "method",
+    "variant",
+    "budget",
+    "budget_tokens",
+    "ratio",
+    "protocol",
+]
+RUN_KEYS = ["model", "task", "method", "variant", "budget", "protocol"]  # one run, as table keys
+FULL_BUDGET = "full"  # the budget label of a run that evicts nothing
 
 # Task families: LongBench's six groups (Bai et al. 2023, table 1) and RULER's (Hsieh et al. 2024).
 FAMILIES = {
@@ -78,12 +94,41 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def method_label(method: str, variant: str) -> str:
+    """``capkv``, or ``capkv-tau3`` for variant ``tau3``: a run's folder name and display."""
+    return f"{method}-{variant}" if variant else method
+
+
+def run_identity(
+    model: str, task: str, method: str, variant: str, budget: Budget | None, protocol: str
+) -> dict[str, Any]:
+    """The identity fields of one run (:data:`IDENTITY_KEYS`); ``budget`` None is no eviction."""
+    return {
+        "model": model,
+        "task": task,
+        "method": method,
+        "variant": str(variant or ""),
+        "budget": budget.label if budget is not None else FULL_BUDGET,
+        "budget_tokens": budget.tokens if budget is not None else None,
+        "ratio": budget.ratio if budget is not None else None,
+        "protocol": protocol,
+    }
+
+
 def run_directory(
     results_dir: str | Path, model: str, task: str, method: str, budget: str, protocol: str
 ) -> Path:
-    """The directory of one run; names are made path-safe (``/`` becomes ``--``)."""
+    """The directory of one run (``method`` is its label, :func:`method_label`); names are made
+    path-safe (``/`` becomes ``--``)."""
     parts = [model, task, method, budget, protocol]
     return Path(results_dir, RUNS, *(part.replace("/", "--") for part in parts))
+
+
+def identity_directory(results_dir: str | Path, identity: dict[str, Any]) -> Path:
+    """The directory of the run with ``identity`` (from :func:`run_identity`)."""
+    label = method_label(identity["method"], identity["variant"])
+    parts = (identity["model"], identity["task"], label, identity["budget"], identity["protocol"])
+    return run_directory(results_dir, *parts)
 
 
 def rows_files(run_dir: Path) -> list[Path]:
@@ -237,16 +282,52 @@ def write_metrics(
     return metrics
 
 
-METRICS_KEYS = (*RUN_KEYS, "scores", "subtasks", "mean_prompt_tokens", "mean_kept_tokens")
+METRICS_KEYS = (
+    *IDENTITY_KEYS,
+    "scores",
+    "subtasks",
+    "mean_prompt_tokens",
+    "mean_kept_tokens",
+)
+ADDED_IDENTITY_KEYS = ("variant", "budget_tokens", "ratio")  # not in older metrics.json files
+
+
+def identity_from_config(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The identity fields a ``metrics.json`` written before :data:`ADDED_IDENTITY_KEYS` existed
+    lacks, from the structured ``config.yaml`` beside it (empty when there is none).
+
+    Such a file's ``method`` is the folder's label; with an empty variant (every run that passed
+    no ``variant=``) the label is the method's name.
+    """
+    try:
+        stored = stored_config(run_dir)
+    except ValueError:
+        stored = None
+    if stored is None or not all(key in stored for key in ("variant", "budget", "ratio")):
+        return {}
+    variant = str(stored["variant"] or "")
+    method = str(metrics.get("method", "")).removesuffix(f"-{variant}" if variant else "")
+    return {
+        "method": method,
+        "variant": variant,
+        "budget_tokens": stored["budget"],
+        "ratio": stored["ratio"],
+    }
 
 
 def read_metrics(path: Path) -> dict[str, Any] | None:
-    """One ``metrics.json``; a damaged one is reported in one warning line and read as None."""
+    """One ``metrics.json``; a damaged one is reported in one warning line and read as None.
+
+    A file written before the identity fields :data:`ADDED_IDENTITY_KEYS` existed gets them from
+    the ``config.yaml`` beside it (:func:`identity_from_config`).
+    """
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         problem = f"is not valid JSON ({error})"
     else:
+        if isinstance(metrics, dict) and any(key not in metrics for key in ADDED_IDENTITY_KEYS):
+            metrics |= identity_from_config(metrics, path.parent)
         missing = [
             key for key in METRICS_KEYS if not isinstance(metrics, dict) or key not in metrics
         ]
@@ -275,7 +356,7 @@ def score_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
     :func:`load_metrics`."""
     records = []
     for metrics in runs.values():
-        identity = {k: metrics[k] for k in ("model", "task", "method", "budget", "protocol")}
+        identity = {key: metrics[key] for key in IDENTITY_KEYS}
         identity["kept_fraction"] = metrics["mean_kept_tokens"] / max(
             metrics["mean_prompt_tokens"], 1
         )
@@ -284,21 +365,27 @@ def score_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
         for subtask, scores in [("average", metrics["scores"]), *metrics["subtasks"].items()]:
             for metric, value in scores.items():
                 records.append({**identity, "subtask": subtask, "metric": metric, "score": value})
-    return pd.DataFrame.from_records(
-        records,
-        columns=[
-            "model",
-            "task",
-            "method",
-            "budget",
-            "protocol",
-            "kept_fraction",
-            *DIAGNOSTICS,
-            "subtask",
-            "metric",
-            "score",
-        ],
+    return with_identity_types(
+        pd.DataFrame.from_records(
+            records,
+            columns=[
+                *IDENTITY_KEYS,
+                "kept_fraction",
+                *DIAGNOSTICS,
+                "subtask",
+                "metric",
+                "score",
+            ],
+        )
     )
+
+
+def with_identity_types(frame: pd.DataFrame) -> pd.DataFrame:
+    """``budget_tokens`` as whole numbers (blank where a run has none), ``ratio`` as floats."""
+    if "budget_tokens" in frame:
+        frame["budget_tokens"] = frame["budget_tokens"].astype("Int64")
+        frame["ratio"] = frame["ratio"].astype(float)
+    return frame
 
 
 def needle_order(row: dict[str, Any]) -> tuple:
@@ -315,7 +402,7 @@ def needle_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
     for metrics_path, metrics in runs.items():
         if not str(metrics["task"]).startswith("needle"):
             continue
-        identity = {k: metrics[k] for k in ("model", "task", "method", "budget", "protocol")}
+        identity = {key: metrics[key] for key in IDENTITY_KEYS}
         rows = sorted(finished_rows(metrics_path.parent), key=needle_order)
         for row in rows:
             meta = row.get("metadata", {})
@@ -328,40 +415,44 @@ def needle_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
                     **row["scores"],
                 }
             )
-    return pd.DataFrame.from_records(records)
+    return with_identity_types(pd.DataFrame.from_records(records))
 
 
-def markdown(frame: pd.DataFrame) -> str:
-    """A Markdown table (pandas' to_markdown needs tabulate; this does not); missing values
-    are left blank."""
+def markdown(frame: pd.DataFrame, digits: dict[str, int] | None = None) -> str:
+    """A Markdown table (pandas' to_markdown needs tabulate; this does not): floats with one
+    decimal, or ``digits[column]`` decimals; missing values are left blank."""
     if frame.empty:
         return "(no runs yet)\n"
     columns = [str(c) for c in frame.columns]
+    places = [(digits or {}).get(column, 1) for column in columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for values in frame.itertuples(index=False):
         cells = [
-            ("" if math.isnan(v) else f"{v:.1f}") if isinstance(v, float) else str(v)
-            for v in values
+            ("" if math.isnan(v) else f"{v:.{n}f}") if isinstance(v, float) else str(v)
+            for v, n in zip(values, places, strict=True)
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main_table(scores: pd.DataFrame) -> pd.DataFrame:
-    """Method x budget rows; per task its headline score (its first metric) and, for a task whose
+    """Method x budget rows (the method shown with its variant, :func:`method_label`); per task its headline score (its first metric) and, for a task whose
     subtasks fall into several families, one column per family (``<task>: <family>``, the mean of
     its subtasks). ``average`` is the mean of the tasks' headlines, left empty (NaN) where a run
     lacks one of the tasks, so that it never averages over different sets of tasks."""
     index = ["model", "protocol", "method", "budget"]
     if scores.empty:
         return pd.DataFrame(columns=index)
-    first_metric = scores.groupby(RUN_KEYS)["metric"].transform("first")
+    labels = zip(scores["method"], scores["variant"], strict=True)
+    scores = scores.assign(method=[method_label(method, variant) for method, variant in labels])
+    runs = ["model", "task", "method", "budget", "protocol"]  # the method's label holds its variant
+    first_metric = scores.groupby(runs)["metric"].transform("first")
     headline = scores[scores["metric"] == first_metric]
     tasks = headline[headline["subtask"] == "average"]
     columns = [tasks.assign(column=tasks["task"])]
     subtasks = headline[headline["subtask"] != "average"]
     families = subtasks.assign(family=subtasks["subtask"].map(lambda s: FAMILY_OF.get(s, s)))
-    families = families.groupby([*RUN_KEYS, "family"], as_index=False)["score"].mean()
+    families = families.groupby([*runs, "family"], as_index=False)["score"].mean()
     several = families.groupby("task")["family"].nunique()
     families = families[families["task"].map(several) > 1]
     columns.append(families.assign(column=families["task"] + ": " + families["family"]))

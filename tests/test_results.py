@@ -12,7 +12,8 @@ from capkv.results import main_table
 def score_rows(task: str, method: str, budget: str, subtasks: dict[str, float]) -> list[dict]:
     """score_table rows of one run: the average over subtasks first, then each subtask, each
     with a headline metric ``m`` and a second metric ``other`` that must be ignored."""
-    run = {"model": "tiny", "task": task, "method": method, "budget": budget, "protocol": "qa"}
+    run = {"model": "tiny", "task": task, "method": method, "variant": "", "budget": budget}
+    run["protocol"] = "qa"
     average = sum(subtasks.values()) / len(subtasks) if subtasks else 50.0
     rows = []
     for subtask, score in [("average", average), *subtasks.items()]:
