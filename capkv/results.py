@@ -11,7 +11,8 @@ One run = one (model, task, method, budget, protocol) cell, in its own directory
 
 A rerun skips the examples already in any rows file of the cell, whatever shard count wrote
 them; a killed run loses at most the example in flight. :func:`aggregate` collects every
-``metrics.json`` (and the needle rows) into ``<results>/*.csv`` and ``<results>/*.md``
+``metrics.json`` (and the needle rows) into ``<results>/*.csv`` and ``<results>/*.md``, with
+every score's interval and the paired comparisons of :mod:`capkv.comparisons`
 (``python -m capkv.results [results]``).
 """
 
@@ -35,6 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from capkv.budget import Budget
 from capkv.locking import locked
+from capkv.uncertainty import CONFIDENCE, RESAMPLES, SEED
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +437,38 @@ def markdown(frame: pd.DataFrame, digits: dict[str, int] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main_table(scores: pd.DataFrame) -> pd.DataFrame:
+def with_interval(mean: float, low: float, high: float) -> str:
+    """``62.3 [55.1, 69.0]``: a mean and its interval; blank where the mean is missing."""
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def interval_markdown(table: pd.DataFrame, columns: list[str]) -> str:
+    """``table`` in Markdown, each of ``columns`` shown as ``mean [low, high]`` from its
+    ``<column> low`` and ``<column> high`` columns; its ``<column> n`` goes in the header as
+    ``(n=N)`` when every row has the same N, else into each cell."""
+    extra = {f"{column} {part}" for column in columns for part in ("low", "high", "n")}
+    shown = table[[c for c in table.columns if c not in extra]].copy()
+    for column in columns:
+        counts = table[f"{column} n"]
+        uniform = counts.dropna().nunique() <= 1
+        shown[column] = [
+            with_interval(mean, low, high) + ("" if uniform or pd.isna(n) else f" (n={int(n)})")
+            for mean, low, high, n in zip(
+                table[column], table[f"{column} low"], table[f"{column} high"], counts, strict=True
+            )
+        ]
+        if uniform and counts.notna().any():
+            shown = shown.rename(columns={column: f"{column} (n={int(counts.dropna().iloc[0])})"})
+    return markdown(shown)
+
+
+def main_table(
+    scores: pd.DataFrame,
+    intervals: pd.DataFrame | None = None,
+    averages: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """Method x budget rows (the method shown with its variant, :func:`method_label`); per task its headline score (its first metric) and, for a task whose
     subtasks fall into several families, one column per family (``<task>: <family>``, the mean of
     its subtasks). ``average`` is the mean of the tasks' headlines, left empty (NaN) where a run
@@ -469,7 +502,53 @@ def main_table(scores: pd.DataFrame) -> pd.DataFrame:
     table = table[[*index, *ordered]]
     table.columns.name = None
     table["average"] = table[task_names].mean(axis=1, skipna=False)
-    return table
+    if intervals is None or intervals.empty:
+        return table
+    return with_bounds(table, headline, intervals, averages)
+
+
+def with_bounds(
+    table: pd.DataFrame,
+    headline: pd.DataFrame,
+    intervals: pd.DataFrame,
+    averages: pd.DataFrame | None,
+) -> pd.DataFrame:
+    """The main table with ``<column> low``, ``<column> high`` and ``<column> n`` after each
+    score column, from the task and family rows of ``intervals`` (its headline metric)."""
+    index = ["model", "protocol", "method", "budget"]
+    labels = zip(intervals["method"], intervals["variant"], strict=True)
+    bounds = intervals.assign(method=[method_label(m, v) for m, v in labels])
+    bounds = bounds[bounds["level"] != "subtask"]
+    bounds = bounds.assign(
+        column=bounds["task"].where(
+            bounds["level"] == "task", bounds["task"] + ": " + bounds["group"]
+        )
+    )
+    wanted = headline[[*index, "task", "metric"]].drop_duplicates()
+    bounds = bounds.merge(wanted, on=[*index, "task", "metric"])
+    if averages is not None and not averages.empty:
+        bounds = pd.concat([bounds, averages.assign(column="average")], ignore_index=True)
+    columns = []
+    for column in [c for c in table.columns if c not in index]:
+        columns.append(column)
+        part = bounds[bounds["column"] == column].set_index(index)[["low", "high", "n"]]
+        part.columns = [f"{column} low", f"{column} high", f"{column} n"]
+        table = table.merge(part, left_on=index, right_index=True, how="left")
+        columns += list(part.columns)
+    return table[[*index, *columns]]
+
+
+def main_table_markdown(table: pd.DataFrame) -> str:
+    """The main table in Markdown: each score as ``mean [low, high]``, examples in the header."""
+    scored = [c for c in table.columns if f"{c} low" in table.columns]
+    if not scored:
+        return markdown(table)
+    caption = (
+        f"Scores 0-100: mean [{100 * CONFIDENCE:g}% interval], a percentile bootstrap over the "
+        f"examples ({RESAMPLES} resamples, seed {SEED}) within each subtask, averaged as the "
+        "headline is (over subtasks, then over tasks); n: examples behind the score.\n\n"
+    )
+    return caption + interval_markdown(table, scored)
 
 
 def incomplete_cells(runs: dict[Path, dict[str, Any]]) -> list[str]:
@@ -495,22 +574,33 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     lock in the results folder), so concurrent runs never drop each other's cells; a cell
     holding fewer examples than it runs is named in a warning and under the Markdown tables.
     """
+    from capkv import comparisons  # it reads run folders with this module's functions
+
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     with locked(results_dir / TABLES_LOCK):
         runs = load_metrics(results_dir)
         scores = score_table(runs)
+        intervals = comparisons.interval_table(runs)
+        table = main_table(scores, intervals, comparisons.average_table(runs))
         frames = {
             "scores": scores,
-            "main_table": main_table(scores),
+            "main_table": table,
             "needle": needle_table(runs),
+            "intervals": intervals,
+            "paired": comparisons.paired_table(runs),
         }
         incomplete = incomplete_cells(runs)
         note = "".join(f"\nIncomplete: {line}.\n" for line in incomplete)
+        texts = {
+            "scores": markdown(scores),
+            "main_table": main_table_markdown(table),
+            "paired": comparisons.paired_markdown(frames["paired"]),
+        }
         for name, frame in frames.items():
             write_atomically(results_dir / f"{name}.csv", frame.to_csv(index=False))
-            if name != "needle":
-                write_atomically(results_dir / f"{name}.md", markdown(frame) + note)
+            if name in texts:
+                write_atomically(results_dir / f"{name}.md", texts[name] + note)
     for line in incomplete:
         print(f"warning: {line}.", file=sys.stderr)
     return frames
@@ -526,7 +616,8 @@ def main(argv: list[str] | None = None) -> None:
     frames = aggregate(args.results)
     print(f"{len(frames['scores'])} score rows from the runs under {args.results}/; wrote:")
     for name in frames:
-        print(f"  {Path(args.results, name)}.csv" + ("" if name == "needle" else " and .md"))
+        markdown_too = name in ("scores", "main_table", "paired")
+        print(f"  {Path(args.results, name)}.csv" + (" and .md" if markdown_too else ""))
 
 
 if __name__ == "__main__":

@@ -130,14 +130,12 @@ def test_figures_and_tables_are_written(drawn: tuple[Path, str]) -> None:
 def test_task_table_holds_the_run_scores(drawn: tuple[Path, str]) -> None:
     plots, _ = drawn
     table = pd.read_csv(plots / "org-tiny-0.5b_longbench_query_aware_table.csv")
-    assert list(table.columns) == [
-        "method",
-        "budget",
-        "metric",
-        "narrativeqa",
-        "hotpotqa",
-        "average",
-    ]
+    scores = [c for c in table.columns if not c.endswith((" low", " high", " n"))]
+    assert scores == ["method", "budget", "metric", "narrativeqa", "hotpotqa", "average"]
+    for column in scores[3:]:  # every score with its interval and number of examples
+        assert (table[f"{column} low"] <= table[column]).all()
+        assert (table[column] <= table[f"{column} high"]).all()
+    assert list(table["average n"]) == [4] * 5 and list(table["hotpotqa n"]) == [2] * 5
     assert list(zip(table["method"], table["budget"], strict=True)) == [
         ("full", "full"),
         ("capkv", "budget64"),
@@ -158,7 +156,7 @@ def test_task_table_holds_the_run_scores(drawn: tuple[Path, str]) -> None:
         {"exact": 75.0, "graded": 50.0}
     )
     assert (
-        "| capkv | budget64 | score | 15.0 | 37.5 | 26.2 |"
+        "| capkv | budget64 | score | 15.0 [10.0, 20.0] | 37.5 [25.0, 50.0] | 26.2 ["
         in (plots / "org-tiny-0.5b_longbench_query_aware_table.md").read_text()
     )
 

@@ -11,7 +11,7 @@ from capkv.errors import one_line_errors
 from capkv.figures.canvas import Job, render_all
 from capkv.figures.capacity import capacity_jobs
 from capkv.figures.curves import curve_jobs
-from capkv.figures.data import load_tables
+from capkv.figures.data import interval_of, load_tables
 from capkv.figures.heatmaps import heatmap_grid_jobs, heatmap_jobs
 from capkv.figures.tables import task_tables
 
@@ -25,14 +25,16 @@ def draw_all(results_dir: str | Path, plots_dir: str | Path) -> list[Path]:
     """Every figure and table that the tables of ``results_dir`` allow; returns the paths
     written."""
     results_dir, plots_dir = Path(results_dir), Path(plots_dir)
-    scores, needle = load_tables(results_dir)
+    scores, needle, intervals = load_tables(results_dir)
     jobs: list[Job] = []
     if not needle.empty:
-        jobs += [*heatmap_grid_jobs(needle, plots_dir), *heatmap_jobs(needle, plots_dir)]
+        bounds = interval_of(intervals, "task")
+        jobs += [*heatmap_grid_jobs(needle, bounds, plots_dir)]
+        jobs += [*heatmap_jobs(needle, bounds, plots_dir)]
     if not scores.empty:
-        jobs += [*curve_jobs(scores, plots_dir), *capacity_jobs(scores, plots_dir)]
+        jobs += [*curve_jobs(intervals, plots_dir), *capacity_jobs(scores, plots_dir)]
     written = render_all(jobs)
-    return written + (task_tables(scores, plots_dir) if not scores.empty else [])
+    return written + (task_tables(intervals, plots_dir) if not scores.empty else [])
 
 
 def main(argv: list[str] | None = None) -> None:

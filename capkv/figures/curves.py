@@ -1,7 +1,8 @@
 """Score against budget: ``<model>_<task>_<protocol>_<metric>_vs_tokens`` and ``..._vs_ratio``.
 
 One line per method and one panel per task family (LongBench's and RULER's groups of subtasks)
-plus the average; the full cache is a dashed black line.
+plus the average; the full cache is a dashed black line. Each line carries its 95% bootstrap
+interval as a band (``intervals.csv``, :mod:`capkv.comparisons`).
 """
 
 from __future__ import annotations
@@ -27,43 +28,58 @@ from capkv.figures.style import (
     panel_sort_key,
     safe_name,
 )
-from capkv.results import FAMILY_OF, RUN_KEYS
+from capkv.results import RUN_KEYS
+
+INTERVAL = "95% bootstrap intervals"
 
 
-def family_scores(scores: pd.DataFrame) -> pd.DataFrame:
-    """Score per run, metric and panel: one per task family (mean over its subtasks) and the
-    average; a task without subtasks is its own single panel. Each row keeps its run's budget
-    fields and gets its budget's ``kind`` and ``x`` (see :mod:`capkv.figures.style`)."""
+def panel_scores(intervals: pd.DataFrame) -> pd.DataFrame:
+    """Score and interval per run, metric and panel, from ``intervals.csv``: one panel per task
+    family and the average over subtasks (when a task spans several families); a task without
+    subtasks is its own single panel. Each row gets its budget's ``kind`` and ``x``."""
     keys = [*RUN_KEYS, "budget_tokens", "ratio", "metric"]
-    subtasks = scores[scores["subtask"] != AVERAGE]
-    per_family = subtasks.assign(panel=subtasks["subtask"].map(lambda s: FAMILY_OF.get(s, s)))
-    per_family = per_family.groupby([*keys, "panel"], as_index=False, dropna=False)["score"].mean()
-    average = scores[scores["subtask"] == AVERAGE]
-    has_subtasks = average["task"].isin(subtasks["task"])
-    several = per_family.groupby("task")["panel"].nunique()
-    panels = [
-        per_family,
-        average[~has_subtasks].assign(panel=average.loc[~has_subtasks, "task"]),
-        average[average["task"].map(several).fillna(0) > 1].assign(panel=AVERAGE),
-    ]
-    families = pd.concat(panels, ignore_index=True)[[*keys, "panel", "score"]]
-    budgets = list(zip(families["budget_tokens"], families["ratio"], strict=True))
-    families["kind"] = [budget_kind(*budget) for budget in budgets]
-    families["x"] = [budget_x(*budget) for budget in budgets]
-    return families
+    families = intervals[intervals["level"] == "family"]
+    tasks = intervals[intervals["level"] == "task"]
+    several = families.groupby("task")["group"].nunique()
+    count = tasks["task"].map(several).fillna(0)
+    panels = pd.concat(
+        [
+            families.assign(panel=families["group"]),
+            tasks[count == 0].assign(panel=tasks.loc[count == 0, "task"]),
+            tasks[count > 1].assign(panel=AVERAGE),
+        ],
+        ignore_index=True,
+    )
+    panels = panels[[*keys, "panel", "mean", "low", "high"]].rename(columns={"mean": "score"})
+    budgets = list(zip(panels["budget_tokens"], panels["ratio"], strict=True))
+    panels["kind"] = [budget_kind(*budget) for budget in budgets]
+    panels["x"] = [budget_x(*budget) for budget in budgets]
+    return panels
 
 
 def draw_curves(ax: Axes, rows: pd.DataFrame) -> None:
-    """One line per evicting method (x = budget value) and the full cache as a horizontal line."""
+    """One line per evicting method (x = budget value) with its interval as a band, and the full
+    cache as a dashed horizontal line over a grey band."""
     methods = rows[["method", "variant"]].drop_duplicates().itertuples(index=False, name=None)
     for method, variant in sorted(methods, key=lambda pair: method_sort_key(*pair)):
         method_rows = rows[(rows["method"] == method) & (rows["variant"] == variant)]
         style = method_style(method, variant)
         if is_full(method):
             ax.axhline(method_rows["score"].mean(), **{**style, "linestyle": "--", "marker": None})
+            low, high = method_rows["low"].mean(), method_rows["high"].mean()
+            ax.axhspan(low, high, color=style["color"], alpha=0.07, linewidth=0, zorder=0)
             continue
         points = method_rows.sort_values("x")
         ax.plot(points["x"], points["score"], **style)
+        ax.fill_between(
+            points["x"],
+            points["low"],
+            points["high"],
+            color=style["color"],
+            alpha=0.25 if method == "capkv" else 0.12,
+            linewidth=0,
+            zorder=style["zorder"] - 1,
+        )
 
 
 def format_budget_axis(ax: Axes, xs: list[float], kind: str) -> None:
@@ -113,9 +129,9 @@ def curve_figure(rows: pd.DataFrame, kind: str, metric: str, title: str) -> Figu
     return figure
 
 
-def curve_jobs(scores: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
+def curve_jobs(intervals: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
     """One score-against-budget figure per (model, task, protocol, budget kind, metric)."""
-    families = family_scores(scores)
+    families = panel_scores(intervals)
     for (model, task), task_rows in families.groupby(["model", "task"]):
         for protocol in sorted(task_rows["protocol"].unique()):
             rows = for_protocol(task_rows, protocol)
@@ -123,6 +139,9 @@ def curve_jobs(scores: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
                 if not (rows["kind"] == kind).any():
                     continue
                 for (metric,), curves in rows[rows["kind"].isin([kind, FULL])].groupby(["metric"]):
-                    title = f"{metric} against {axis}: {model} · {task} · {protocol}"
+                    title = (
+                        f"{metric} against {axis} (bands: {INTERVAL}): {model} · {task} · "
+                        f"{protocol}"
+                    )
                     stem = plots_dir / safe_name(model, task, protocol, metric, "vs", kind)
                     yield stem, curve_figure, (curves, kind, metric, title)

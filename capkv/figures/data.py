@@ -1,7 +1,7 @@
 """The tables figures are drawn from: read from a results folder, never written here.
 
-``make tables`` (:func:`capkv.results.aggregate`) builds ``scores.csv`` and ``needle.csv`` from
-the run folders; drawing only reads them, after checking that they are what the run folders give
+``make tables`` (:func:`capkv.results.aggregate`) builds ``scores.csv``, ``needle.csv`` and
+``intervals.csv`` (every headline with its bootstrap interval) from the run folders; drawing only reads them, after checking that they are what the run folders give
 now (a table older than a run's ``metrics.json`` stops the drawing with what to run).
 """
 
@@ -16,6 +16,8 @@ from capkv.results import IDENTITY_KEYS, RUN_KEYS, RUNS, load_metrics, score_tab
 
 SCORES = "scores.csv"
 NEEDLE = "needle.csv"
+INTERVALS = "intervals.csv"
+TABLES = (SCORES, NEEDLE, INTERVALS)
 NEEDLE_COLUMNS = [*IDENTITY_KEYS, "context_length", "depth", "prompt_tokens"]
 
 
@@ -38,7 +40,7 @@ def check_fresh(results_dir: Path) -> None:
     if not (results_dir / RUNS).is_dir():
         return
     runs = load_metrics(results_dir)
-    missing = [name for name in (SCORES, NEEDLE) if not (results_dir / name).exists()]
+    missing = [name for name in TABLES if not (results_dir / name).exists()]
     if missing and not runs:
         return  # nothing has run yet: nothing to draw
     if missing:
@@ -84,10 +86,25 @@ def read_csv(path: Path) -> pd.DataFrame:
     )
 
 
-def load_tables(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``scores.csv`` and ``needle.csv`` of ``results_dir``, checked fresh first."""
+def load_tables(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``scores.csv``, ``needle.csv`` and ``intervals.csv`` of ``results_dir``, checked fresh
+    first."""
     check_fresh(results_dir)
-    return read_csv(results_dir / SCORES), read_csv(results_dir / NEEDLE)
+    return tuple(read_csv(results_dir / name) for name in TABLES)
+
+
+def interval_of(
+    intervals: pd.DataFrame, level: str
+) -> dict[tuple, tuple[float, float, float, int]]:
+    """(model, task, method, variant, budget, protocol, metric, group) -> (mean, low, high, n)
+    of one level (``task``, ``family`` or ``subtask``) of ``intervals.csv``."""
+    rows = intervals[intervals["level"] == level] if not intervals.empty else intervals
+    return {
+        (*run, metric, group): (mean, low, high, n)
+        for *run, metric, group, mean, low, high, n in rows[
+            [*RUN_KEYS, "metric", "group", "mean", "low", "high", "n"]
+        ].itertuples(index=False, name=None)
+    }
 
 
 def for_protocol(frame: pd.DataFrame, protocol: str) -> pd.DataFrame:

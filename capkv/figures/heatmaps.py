@@ -3,6 +3,9 @@
 - ``heatmaps/<model>_<task>_<protocol>_<method>_<budget>_<score>``: one heatmap per run and score;
 - ``<model>_<task>_<protocol>_<score>_heatmaps``: those heatmaps as one grid, methods as rows and
   budgets as columns, the full cache on top.
+
+Each panel's title carries the run's mean score and its 95% bootstrap interval
+(``intervals.csv``).
 """
 
 from __future__ import annotations
@@ -91,9 +94,11 @@ def fitted_title(title: str, width: float, fontsize: float = 11.0) -> str:
     return f"{head}:\n{tail}" if colon else title
 
 
-def heatmap_figure(rows: pd.DataFrame, score: str, title: str) -> Figure:
+def heatmap_figure(rows: pd.DataFrame, score: str, title: str, bounds: dict) -> Figure:
     """Needle heatmaps of ``rows``, methods as rows and budgets as columns (a single run gives a
-    single panel); the full cache sits in the first column of its row. One colour bar."""
+    single panel); the full cache sits in the first column of its row. One colour bar. Each
+    panel's title holds the run's mean score and its 95% interval (``bounds``: (method, variant,
+    budget) -> (mean, low, high, n), scores 0-100, shown 0-1 as the cells are)."""
     methods, budgets = heatmap_layout(rows)
     depths = sorted(rows["depth"].unique())
     lengths = sorted(rows["context_length"].unique())
@@ -117,7 +122,10 @@ def heatmap_figure(rows: pd.DataFrame, score: str, title: str) -> Figure:
         grid = heatmap_grid(run, score).reindex(index=depths, columns=lengths)
         image = draw_heatmap(axes[i, j], grid, fontsize)
         first = run.iloc[0]
-        axes[i, j].set_title(budget_display(first["budget_tokens"], first["ratio"]), fontsize=9)
+        shown = budget_display(first["budget_tokens"], first["ratio"])
+        mean, low, high, _ = bounds[method, variant, first["budget"]]
+        shown += f": {mean / 100:.2f} [{low / 100:.2f}, {high / 100:.2f}]"
+        axes[i, j].set_title(shown, fontsize=8)
         axes[i, j].tick_params(labelbottom=i == len(methods) - 1, labelleft=j == 0)
     label_rows(axes[:, 0], methods)
     figure.supxlabel("context length (tokens)", y=0.2 / height, va="bottom")
@@ -145,17 +153,24 @@ def label_rows(axes: np.ndarray, methods: list[tuple[str, str]]) -> None:
         )
 
 
-def heatmap_jobs(needle: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
+def run_bounds(rows: pd.DataFrame, score: str, intervals: dict) -> dict:
+    """(method, variant, budget) -> (mean, low, high, n) of ``score`` for the runs in ``rows``
+    (``intervals``: from :func:`capkv.figures.data.interval_of`, task level)."""
+    runs = rows[RUN_KEYS].drop_duplicates().itertuples(index=False, name=None)
+    return {(run[2], run[3], run[4]): intervals[(*run, score, "average")] for run in runs}
+
+
+def heatmap_jobs(needle: pd.DataFrame, intervals: dict, plots_dir: Path) -> Iterator[Job]:
     """One heatmap per needle run and score, under ``heatmaps/``."""
     for (model, task, method, variant, budget, protocol), rows in needle.groupby(RUN_KEYS):
         for score in needle_scores(needle):
             title = f"Needle in a haystack, {score_label(score)}: {model} · {task} · {protocol}"
             label = method_label(method, variant)
             stem = plots_dir / "heatmaps" / safe_name(model, task, protocol, label, budget, score)
-            yield stem, heatmap_figure, (rows, score, title)
+            yield stem, heatmap_figure, (rows, score, title, run_bounds(rows, score, intervals))
 
 
-def heatmap_grid_jobs(needle: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
+def heatmap_grid_jobs(needle: pd.DataFrame, intervals: dict, plots_dir: Path) -> Iterator[Job]:
     """One methods x budgets grid per (model, task, protocol) and score."""
     for (model, task), task_rows in needle.groupby(["model", "task"]):
         for protocol in sorted(task_rows["protocol"].unique()):
@@ -163,4 +178,5 @@ def heatmap_grid_jobs(needle: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
             for score in needle_scores(needle):
                 title = f"Needle in a haystack, {score_label(score)}: {model} · {task} · {protocol}"
                 stem = plots_dir / safe_name(model, task, protocol, score, "heatmaps")
-                yield stem, heatmap_figure, (rows, score, title)
+                bounds = run_bounds(rows, score, intervals)
+                yield stem, heatmap_figure, (rows, score, title, bounds)
