@@ -57,12 +57,12 @@ bench: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/python run.py
 
-# The paper's experiments on SmolLM2-135M-Instruct (CPU); resumable, then the figures.
+# The paper's experiments on SmolLM2-135M-Instruct (CPU); resumable, then the tables and figures.
 reproduce: $(VENV)/.installed
 	$(BIN)/python run.py experiment=needle_heatmaps
 	$(BIN)/python run.py experiment=needle_context_limit
 	$(BIN)/python run.py experiment=ruler
-	$(MAKE) figures
+	$(MAKE) tables figures
 
 # The tables and plots of the committed reference results (what `make reproduce` and the
 # experiments write). Your own runs go to outputs/results (config.yaml's results_dir):
@@ -75,6 +75,7 @@ tables: $(VENV)/.installed
 	$(BIN)/python -m capkv.results $(RESULTS)
 	test ! -d $(RESULTS)/context_limit/runs || $(BIN)/python -m capkv.results $(RESULTS)/context_limit
 
+# Plots from the tables alone (never rewrites results/; refuses tables older than the runs).
 figures: $(VENV)/.installed
 	$(BIN)/python -m capkv.figures --results $(RESULTS) --plots $(PLOTS)
 	test ! -d $(RESULTS)/context_limit/runs || \

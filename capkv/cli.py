@@ -23,8 +23,10 @@ from capkv.locking import is_held
 from capkv.method import EvictionMethod
 from capkv.results import (
     aggregate,
+    identity_directory,
     markdown,
-    run_directory,
+    method_label,
+    run_identity,
 )
 from capkv.runner import (
     Cell,
@@ -182,14 +184,9 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
         budgets = planned_budgets(cfg, method) if sweeping else [choose_budget(cfg, method)]
         for budget in budgets:
             label = getattr(method, "folder_name", name)  # kvpress-tova for method=kvpress
-            method_name = label + (f"-{cfg.variant}" if cfg.variant else "")
-            identity = {
-                "model": choices["model"],
-                "task": task_name,
-                "method": method_name,
-                "budget": budget.label if budget is not None else "full",
-                "protocol": cfg.protocol,
-            }
+            identity = run_identity(
+                choices["model"], task_name, label, cfg.variant, budget, cfg.protocol
+            )
             resolved = {
                 **base,
                 "method": OmegaConf.to_container(method_cfg, resolve=True),
@@ -197,7 +194,7 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
                 "ratio": budget.ratio if budget is not None else None,
                 "versions": library_versions(),
             }
-            run_dir = run_directory(results_dir, **identity)
+            run_dir = identity_directory(results_dir, identity)
             check_same_config(run_dir, resolved)
             if is_held(shard_lock_path(run_dir, shard)):
                 raise CellBusy(busy_message(run_dir, shard))
@@ -244,7 +241,8 @@ def print_metrics(metrics: dict[str, Any], run_dir: Path) -> None:
     rows = [{"subtask": "average", **metrics["scores"]}]
     rows += [{"subtask": name, **scores} for name, scores in metrics["subtasks"].items()]
     title = (
-        f"{metrics['model']} | {metrics['task']} | {metrics['method']} | {metrics['budget']} | "
+        f"{metrics['model']} | {metrics['task']} | "
+        f"{method_label(metrics['method'], metrics['variant'])} | {metrics['budget']} | "
         f"{metrics['protocol']} | {held_examples(metrics)} examples, mean "
         f"{metrics['mean_kept_tokens']:.0f} of {metrics['mean_prompt_tokens']:.0f} tokens kept"
     )

@@ -11,7 +11,8 @@ One run = one (model, task, method, budget, protocol) cell, in its own directory
 
 A rerun skips the examples already in any rows file of the cell, whatever shard count wrote
 them; a killed run loses at most the example in flight. :func:`aggregate` collects every
-``metrics.json`` (and the needle rows) into ``<results>/*.csv`` and ``<results>/*.md``
+``metrics.json`` (and the needle rows) into ``<results>/*.csv`` and ``<results>/*.md``, with
+every score's interval and the paired comparisons of :mod:`capkv.comparisons`
 (``python -m capkv.results [results]``).
 """
 
@@ -33,8 +34,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from capkv.budget import Budget
 from capkv.locking import locked
 from capkv.tasks.base import Reporting, task_reporting
+from capkv.uncertainty import CONFIDENCE, RESAMPLES, SEED
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,22 @@ TABLES_LOCK = ".tables.lock"
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
 DIAGNOSTICS = ("capacity_fraction", "attention_error")  # see capkv.diagnostics
-RUN_KEYS = ["model", "task", "method", "budget", "protocol"]
+# What one run is, as separate fields: ``method`` is the method's name (its conf/method option),
+# ``variant`` the name given to other hyperparameters (empty by default), ``budget_tokens`` and
+# ``ratio`` the budget (at most one set; neither for the full cache). ``budget`` is the budget's
+# label (``budget512``, ``ratio0.5``, ``full``): a folder name and a display, never parsed.
+IDENTITY_KEYS = [
+    "model",
+    "task",
+    "method",
+    "variant",
+    "budget",
+    "budget_tokens",
+    "ratio",
+    "protocol",
+]
+RUN_KEYS = ["model", "task", "method", "variant", "budget", "protocol"]  # one run, as table keys
+FULL_BUDGET = "full"  # the budget label of a run that evicts nothing
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -65,12 +83,41 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def method_label(method: str, variant: str) -> str:
+    """``capkv``, or ``capkv-tau3`` for variant ``tau3``: a run's folder name and display."""
+    return f"{method}-{variant}" if variant else method
+
+
+def run_identity(
+    model: str, task: str, method: str, variant: str, budget: Budget | None, protocol: str
+) -> dict[str, Any]:
+    """The identity fields of one run (:data:`IDENTITY_KEYS`); ``budget`` None is no eviction."""
+    return {
+        "model": model,
+        "task": task,
+        "method": method,
+        "variant": str(variant or ""),
+        "budget": budget.label if budget is not None else FULL_BUDGET,
+        "budget_tokens": budget.tokens if budget is not None else None,
+        "ratio": budget.ratio if budget is not None else None,
+        "protocol": protocol,
+    }
+
+
 def run_directory(
     results_dir: str | Path, model: str, task: str, method: str, budget: str, protocol: str
 ) -> Path:
-    """The directory of one run; names are made path-safe (``/`` becomes ``--``)."""
+    """The directory of one run (``method`` is its label, :func:`method_label`); names are made
+    path-safe (``/`` becomes ``--``)."""
     parts = [model, task, method, budget, protocol]
     return Path(results_dir, RUNS, *(part.replace("/", "--") for part in parts))
+
+
+def identity_directory(results_dir: str | Path, identity: dict[str, Any]) -> Path:
+    """The directory of the run with ``identity`` (from :func:`run_identity`)."""
+    label = method_label(identity["method"], identity["variant"])
+    parts = (identity["model"], identity["task"], label, identity["budget"], identity["protocol"])
+    return run_directory(results_dir, *parts)
 
 
 def rows_files(run_dir: Path) -> list[Path]:
@@ -227,16 +274,52 @@ def write_metrics(
     return metrics
 
 
-METRICS_KEYS = (*RUN_KEYS, "scores", "subtasks", "mean_prompt_tokens", "mean_kept_tokens")
+METRICS_KEYS = (
+    *IDENTITY_KEYS,
+    "scores",
+    "subtasks",
+    "mean_prompt_tokens",
+    "mean_kept_tokens",
+)
+ADDED_IDENTITY_KEYS = ("variant", "budget_tokens", "ratio")  # not in older metrics.json files
+
+
+def identity_from_config(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The identity fields a ``metrics.json`` written before :data:`ADDED_IDENTITY_KEYS` existed
+    lacks, from the structured ``config.yaml`` beside it (empty when there is none).
+
+    Such a file's ``method`` is the folder's label; with an empty variant (every run that passed
+    no ``variant=``) the label is the method's name.
+    """
+    try:
+        stored = stored_config(run_dir)
+    except ValueError:
+        stored = None
+    if stored is None or not all(key in stored for key in ("variant", "budget", "ratio")):
+        return {}
+    variant = str(stored["variant"] or "")
+    method = str(metrics.get("method", "")).removesuffix(f"-{variant}" if variant else "")
+    return {
+        "method": method,
+        "variant": variant,
+        "budget_tokens": stored["budget"],
+        "ratio": stored["ratio"],
+    }
 
 
 def read_metrics(path: Path) -> dict[str, Any] | None:
-    """One ``metrics.json``; a damaged one is reported in one warning line and read as None."""
+    """One ``metrics.json``; a damaged one is reported in one warning line and read as None.
+
+    A file written before the identity fields :data:`ADDED_IDENTITY_KEYS` existed gets them from
+    the ``config.yaml`` beside it (:func:`identity_from_config`).
+    """
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         problem = f"is not valid JSON ({error})"
     else:
+        if isinstance(metrics, dict) and any(key not in metrics for key in ADDED_IDENTITY_KEYS):
+            metrics |= identity_from_config(metrics, path.parent)
         missing = [
             key for key in METRICS_KEYS if not isinstance(metrics, dict) or key not in metrics
         ]
@@ -265,7 +348,7 @@ def score_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
     :func:`load_metrics`."""
     records = []
     for metrics in runs.values():
-        identity = {k: metrics[k] for k in ("model", "task", "method", "budget", "protocol")}
+        identity = {key: metrics[key] for key in IDENTITY_KEYS}
         identity["kept_fraction"] = metrics["mean_kept_tokens"] / max(
             metrics["mean_prompt_tokens"], 1
         )
@@ -274,20 +357,18 @@ def score_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
         for subtask, scores in [("average", metrics["scores"]), *metrics["subtasks"].items()]:
             for metric, value in scores.items():
                 records.append({**identity, "subtask": subtask, "metric": metric, "score": value})
-    return pd.DataFrame.from_records(
-        records,
-        columns=[
-            "model",
-            "task",
-            "method",
-            "budget",
-            "protocol",
-            "kept_fraction",
-            *DIAGNOSTICS,
-            "subtask",
-            "metric",
-            "score",
-        ],
+    return with_identity_types(
+        pd.DataFrame.from_records(
+            records,
+            columns=[
+                *IDENTITY_KEYS,
+                "kept_fraction",
+                *DIAGNOSTICS,
+                "subtask",
+                "metric",
+                "score",
+            ],
+        )
     )
 
 
@@ -319,6 +400,14 @@ def task_reportings(runs: dict[Path, dict[str, Any]]) -> dict[str, Reporting]:
     return merged
 
 
+def with_identity_types(frame: pd.DataFrame) -> pd.DataFrame:
+    """``budget_tokens`` as whole numbers (blank where a run has none), ``ratio`` as floats."""
+    if "budget_tokens" in frame:
+        frame["budget_tokens"] = frame["budget_tokens"].astype("Int64")
+        frame["ratio"] = frame["ratio"].astype(float)
+    return frame
+
+
 def needle_order(row: dict[str, Any]) -> tuple:
     """Needle rows by context length, then depth: the same order however many shards wrote
     them and in whatever order they finished."""
@@ -334,7 +423,7 @@ def needle_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
         reporting = run_reporting(metrics_path, metrics)
         if reporting is None or reporting.benchmark != "needle":
             continue
-        identity = {k: metrics[k] for k in ("model", "task", "method", "budget", "protocol")}
+        identity = {key: metrics[key] for key in IDENTITY_KEYS}
         rows = sorted(finished_rows(metrics_path.parent), key=needle_order)
         for row in rows:
             meta = row.get("metadata", {})
@@ -347,39 +436,75 @@ def needle_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
                     **row["scores"],
                 }
             )
-    return pd.DataFrame.from_records(records)
+    return with_identity_types(pd.DataFrame.from_records(records))
 
 
-def markdown(frame: pd.DataFrame) -> str:
-    """A Markdown table (pandas' to_markdown needs tabulate; this does not); missing values
-    are left blank."""
+def markdown(frame: pd.DataFrame, digits: dict[str, int] | None = None) -> str:
+    """A Markdown table (pandas' to_markdown needs tabulate; this does not): floats with one
+    decimal, or ``digits[column]`` decimals; missing values are left blank."""
     if frame.empty:
         return "(no runs yet)\n"
     columns = [str(c) for c in frame.columns]
+    places = [(digits or {}).get(column, 1) for column in columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for values in frame.itertuples(index=False):
         cells = [
-            ("" if math.isnan(v) else f"{v:.1f}") if isinstance(v, float) else str(v)
-            for v in values
+            ("" if math.isnan(v) else f"{v:.{n}f}") if isinstance(v, float) else str(v)
+            for v, n in zip(values, places, strict=True)
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def with_interval(mean: float, low: float, high: float) -> str:
+    """``62.3 [55.1, 69.0]``: a mean and its interval; blank where the mean is missing."""
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def interval_markdown(table: pd.DataFrame, columns: list[str]) -> str:
+    """``table`` in Markdown, each of ``columns`` shown as ``mean [low, high]`` from its
+    ``<column> low`` and ``<column> high`` columns; its ``<column> n`` goes in the header as
+    ``(n=N)`` when every row has the same N, else into each cell."""
+    extra = {f"{column} {part}" for column in columns for part in ("low", "high", "n")}
+    shown = table[[c for c in table.columns if c not in extra]].copy()
+    for column in columns:
+        counts = table[f"{column} n"]
+        uniform = counts.dropna().nunique() <= 1
+        shown[column] = [
+            with_interval(mean, low, high) + ("" if uniform or pd.isna(n) else f" (n={int(n)})")
+            for mean, low, high, n in zip(
+                table[column], table[f"{column} low"], table[f"{column} high"], counts, strict=True
+            )
+        ]
+        if uniform and counts.notna().any():
+            shown = shown.rename(columns={column: f"{column} (n={int(counts.dropna().iloc[0])})"})
+    return markdown(shown)
+
+
 def main_table(
-    scores: pd.DataFrame, reportings: dict[str, Reporting] | None = None
+    scores: pd.DataFrame,
+    reportings: dict[str, Reporting] | None = None,
+    intervals: pd.DataFrame | None = None,
+    averages: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Method x budget rows; per task its headline score and, for a task whose subtasks fall into
-    several families, one column per family (``<task>: <family>``, the mean of its subtasks),
-    as each task reports them (``reportings``, by task name, from :func:`task_reportings`; a
-    task without one reports its first metric, each subtask its own family). ``average`` is the
-    mean of the tasks' headlines, left empty (NaN) where a run lacks one of the tasks, so that
-    it never averages over different sets of tasks."""
+    """Method x budget rows (the method shown with its variant, :func:`method_label`); per task
+    its headline score and, for a task whose subtasks fall into several families, one column per
+    family (``<task>: <family>``, the mean of its subtasks), as each task reports them
+    (``reportings``, by task name, from :func:`task_reportings`; a task without one reports its
+    first metric, each subtask its own family). ``average`` is the mean of the tasks'
+    headlines, left empty (NaN) where a run lacks one of the tasks, so that it never averages
+    over different sets of tasks. With ``intervals`` (and ``averages``) from
+    :mod:`capkv.comparisons`, each score column is followed by its interval and example count."""
     index = ["model", "protocol", "method", "budget"]
     if scores.empty:
         return pd.DataFrame(columns=index)
+    labels = zip(scores["method"], scores["variant"], strict=True)
+    scores = scores.assign(method=[method_label(method, variant) for method, variant in labels])
+    runs = ["model", "task", "method", "budget", "protocol"]  # the method's label holds its variant
     reportings = reportings or {}
-    first_metric = scores.groupby(RUN_KEYS)["metric"].transform("first")
+    first_metric = scores.groupby(runs)["metric"].transform("first")
     named = scores["task"].map({task: r.headline for task, r in reportings.items()})
     headline = scores[scores["metric"] == named.fillna(first_metric)]
     tasks = headline[headline["subtask"] == "average"]
@@ -392,7 +517,7 @@ def main_table(
     }
     pairs = zip(subtasks["task"], subtasks["subtask"], strict=True)
     families = subtasks.assign(family=[family_of.get(pair, pair[1]) for pair in pairs])
-    families = families.groupby([*RUN_KEYS, "family"], as_index=False)["score"].mean()
+    families = families.groupby([*runs, "family"], as_index=False)["score"].mean()
     several = families.groupby("task")["family"].nunique()
     families = families[families["task"].map(several) > 1]
     columns.append(families.assign(column=families["task"] + ": " + families["family"]))
@@ -413,7 +538,53 @@ def main_table(
     table = table[[*index, *ordered]]
     table.columns.name = None
     table["average"] = table[task_names].mean(axis=1, skipna=False)
-    return table
+    if intervals is None or intervals.empty:
+        return table
+    return with_bounds(table, headline, intervals, averages)
+
+
+def with_bounds(
+    table: pd.DataFrame,
+    headline: pd.DataFrame,
+    intervals: pd.DataFrame,
+    averages: pd.DataFrame | None,
+) -> pd.DataFrame:
+    """The main table with ``<column> low``, ``<column> high`` and ``<column> n`` after each
+    score column, from the task and family rows of ``intervals`` (its headline metric)."""
+    index = ["model", "protocol", "method", "budget"]
+    labels = zip(intervals["method"], intervals["variant"], strict=True)
+    bounds = intervals.assign(method=[method_label(m, v) for m, v in labels])
+    bounds = bounds[bounds["level"] != "subtask"]
+    bounds = bounds.assign(
+        column=bounds["task"].where(
+            bounds["level"] == "task", bounds["task"] + ": " + bounds["group"]
+        )
+    )
+    wanted = headline[[*index, "task", "metric"]].drop_duplicates()
+    bounds = bounds.merge(wanted, on=[*index, "task", "metric"])
+    if averages is not None and not averages.empty:
+        bounds = pd.concat([bounds, averages.assign(column="average")], ignore_index=True)
+    columns = []
+    for column in [c for c in table.columns if c not in index]:
+        columns.append(column)
+        part = bounds[bounds["column"] == column].set_index(index)[["low", "high", "n"]]
+        part.columns = [f"{column} low", f"{column} high", f"{column} n"]
+        table = table.merge(part, left_on=index, right_index=True, how="left")
+        columns += list(part.columns)
+    return table[[*index, *columns]]
+
+
+def main_table_markdown(table: pd.DataFrame) -> str:
+    """The main table in Markdown: each score as ``mean [low, high]``, examples in the header."""
+    scored = [c for c in table.columns if f"{c} low" in table.columns]
+    if not scored:
+        return markdown(table)
+    caption = (
+        f"Scores 0-100: mean [{100 * CONFIDENCE:g}% interval], a percentile bootstrap over the "
+        f"examples ({RESAMPLES} resamples, seed {SEED}) within each subtask, averaged as the "
+        "headline is (over subtasks, then over tasks); n: examples behind the score.\n\n"
+    )
+    return caption + interval_markdown(table, scored)
 
 
 def incomplete_cells(runs: dict[Path, dict[str, Any]]) -> list[str]:
@@ -439,22 +610,35 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     lock in the results folder), so concurrent runs never drop each other's cells; a cell
     holding fewer examples than it runs is named in a warning and under the Markdown tables.
     """
+    from capkv import comparisons  # it reads run folders with this module's functions
+
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     with locked(results_dir / TABLES_LOCK):
         runs = load_metrics(results_dir)
         scores = score_table(runs)
+        intervals = comparisons.interval_table(runs)
+        table = main_table(
+            scores, task_reportings(runs), intervals, comparisons.average_table(runs)
+        )
         frames = {
             "scores": scores,
-            "main_table": main_table(scores, task_reportings(runs)),
+            "main_table": table,
             "needle": needle_table(runs),
+            "intervals": intervals,
+            "paired": comparisons.paired_table(runs),
         }
         incomplete = incomplete_cells(runs)
         note = "".join(f"\nIncomplete: {line}.\n" for line in incomplete)
+        texts = {
+            "scores": markdown(scores),
+            "main_table": main_table_markdown(table),
+            "paired": comparisons.paired_markdown(frames["paired"]),
+        }
         for name, frame in frames.items():
             write_atomically(results_dir / f"{name}.csv", frame.to_csv(index=False))
-            if name != "needle":
-                write_atomically(results_dir / f"{name}.md", markdown(frame) + note)
+            if name in texts:
+                write_atomically(results_dir / f"{name}.md", texts[name] + note)
     for line in incomplete:
         print(f"warning: {line}.", file=sys.stderr)
     return frames
@@ -470,7 +654,8 @@ def main(argv: list[str] | None = None) -> None:
     frames = aggregate(args.results)
     print(f"{len(frames['scores'])} score rows from the runs under {args.results}/; wrote:")
     for name in frames:
-        print(f"  {Path(args.results, name)}.csv" + ("" if name == "needle" else " and .md"))
+        markdown_too = name in ("scores", "main_table", "paired")
+        print(f"  {Path(args.results, name)}.csv" + (" and .md" if markdown_too else ""))
 
 
 if __name__ == "__main__":

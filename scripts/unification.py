@@ -37,7 +37,8 @@ from transformers import DynamicCache
 from capkv import Budget
 from capkv.cli import CONF_DIR
 from capkv.engine import record_kept
-from capkv.figures import method_style, new_figure
+from capkv.figures.canvas import new_figure
+from capkv.figures.style import method_style
 from capkv.results import markdown, write_atomically
 from capkv.runner import prefill, prefill_ids, prepared_examples
 from capkv.unification import (
@@ -53,6 +54,7 @@ SCORE_OF_TASK = {"needle_grid": "exact", "ruler": "string_match_all"}
 # PyramidKV scores tokens exactly as SnapKV does (only its per-layer budgets differ), so it is
 # measured in the optimum table but not repeated in the agreement table.
 SAME_SCORES_AS = {"pyramidkv": "snapkv"}
+CORRELATION_DIGITS = dict.fromkeys(REFERENCES, 2)  # other floats print with one decimal
 REFERENCE_TITLES = {
     "removal_cost": "CapKV's removal cost -log(1 - s_i)",
     "relevance": "relevance w_i",
@@ -173,15 +175,6 @@ def optimum_summary(optimum: pd.DataFrame, scores_csv: Path, model: str) -> pd.D
     return table
 
 
-def readable(frame: pd.DataFrame) -> pd.DataFrame:
-    """Correlations with two decimals (the Markdown tables print other floats with one)."""
-    shown = frame.copy()
-    for column in REFERENCES:
-        if column in shown:
-            shown[column] = shown[column].map(lambda v: f"{v:.2f}")
-    return shown
-
-
 def agreement_figure(agreement: pd.DataFrame, title: str):
     """One panel per reference: mean Spearman per layer, one line per method."""
     figure = new_figure(4.2 * len(REFERENCES), 3.8)
@@ -201,8 +194,10 @@ def agreement_figure(agreement: pd.DataFrame, title: str):
     return figure
 
 
-def optimum_figure(table: pd.DataFrame, title: str):
-    """Fraction of the greedy capacity kept against the task score, one panel per task."""
+def optimum_figure(table: pd.DataFrame, title: str, ratios: list[float]):
+    """Fraction of the greedy capacity kept against the task score, one panel per task; each
+    point is labelled with its ratio (``ratios``: those measured)."""
+    ratio_of = {Budget(ratio=ratio).label: ratio for ratio in ratios}
     # Panels for the tasks with scores in the main results (every task when none has any).
     scored = [
         t
@@ -226,7 +221,7 @@ def optimum_figure(table: pd.DataFrame, title: str):
             )
             for _, row in group.iterrows():
                 ax.annotate(
-                    f"{float(row['budget'].removeprefix('ratio')):.0%}",
+                    f"{ratio_of[row['budget']]:.0%}",
                     (row["fraction_of_greedy"], row["task_score"]),
                     fontsize=7,
                 )
@@ -290,9 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     optimum_table = optimum_summary(optimum_frame, args.scores, args.model)
     for name, frame in [("agreement", summary), ("optimum", optimum_table)]:
         write_atomically(args.results / f"{name}.csv", frame.to_csv(index=False))
-        write_atomically(args.results / f"{name}.md", markdown(readable(frame)))
+        write_atomically(args.results / f"{name}.md", markdown(frame, CORRELATION_DIGITS))
     draw(agreement_frame, optimum_table, args)
-    print(markdown(readable(summary)))
+    print(markdown(summary, CORRELATION_DIGITS))
     print(markdown(optimum_table))
 
 
@@ -333,6 +328,7 @@ def draw(agreement_frame: pd.DataFrame, optimum_table: pd.DataFrame, args) -> No
             optimum_figure(
                 optimum_table,
                 f"Distance to the objective's greedy optimum and task score ({prompts})",
+                args.ratios,
             ),
         ),
     ]:

@@ -9,8 +9,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from capkv.figures import budget_sort_key, fitted_title, main, parse_budget, safe_name
-from capkv.results import EXAMPLES, ExampleLog, run_directory, write_metrics
+from capkv import Budget
+from capkv.figures.cli import main
+from capkv.figures.heatmaps import fitted_title
+from capkv.figures.style import budget_display, budget_sort_key, safe_name
+from capkv.results import (
+    EXAMPLES,
+    ExampleLog,
+    aggregate,
+    identity_directory,
+    run_identity,
+    write_metrics,
+)
 from capkv.tasks.base import task_reporting
 
 MODEL = "org/tiny-0.5b"  # a slash and a dot: file names must be path-safe and whole
@@ -18,6 +28,7 @@ PROTOCOL = "query_aware"
 RUNS = [("capkv", "budget64"), ("capkv", "budget128"), ("snapkv", "budget64")]
 RUNS += [("snapkv", "budget128"), ("full", "full")]
 LONGBENCH = {"narrativeqa": [0.2, 0.4], "hotpotqa": [0.5, 1.0]}  # two examples per subtask
+BUDGETS = {"budget64": Budget(tokens=64), "budget128": Budget(tokens=128), "full": None}
 
 
 def quality(method: str, budget: str) -> float:
@@ -66,9 +77,8 @@ def longbench_rows(method: str, budget: str) -> list[dict]:
 
 def write_run(results: Path, task: str, method: str, budget: str, rows: list[dict]) -> None:
     """One run folder with ``examples.jsonl`` and ``metrics.json``, as the runner writes it."""
-    identity = {"model": MODEL, "task": task, "method": method, "budget": budget}
-    identity["protocol"] = PROTOCOL
-    run_dir = run_directory(results, **identity)
+    identity = run_identity(MODEL, task, method, "", BUDGETS[budget], PROTOCOL)
+    run_dir = identity_directory(results, identity)
     log = ExampleLog(run_dir / EXAMPLES, [])
     for example in rows:
         log.append(example)
@@ -81,12 +91,13 @@ def write_run(results: Path, task: str, method: str, budget: str, rows: list[dic
 
 
 def draw_tree(base: Path) -> tuple[Path, str]:
-    """Write a results tree with a needle and a LongBench task under ``base`` and draw it;
-    return the plots folder and what was printed."""
+    """Write a results tree with a needle and a LongBench task under ``base``, build its tables
+    and draw it; return the plots folder and what was printed."""
     results = base / "results"
     for method, budget in RUNS:
         write_run(results, "needle", method, budget, needle_rows(method, budget))
         write_run(results, "longbench", method, budget, longbench_rows(method, budget))
+    aggregate(results)
     with redirect_stdout(io.StringIO()) as out:
         main(["--results", str(results), "--plots", str(base / "plots")])
     return base / "plots", out.getvalue()
@@ -124,14 +135,12 @@ def test_figures_and_tables_are_written(drawn: tuple[Path, str]) -> None:
 def test_task_table_holds_the_run_scores(drawn: tuple[Path, str]) -> None:
     plots, _ = drawn
     table = pd.read_csv(plots / "org-tiny-0.5b_longbench_query_aware_table.csv")
-    assert list(table.columns) == [
-        "method",
-        "budget",
-        "metric",
-        "narrativeqa",
-        "hotpotqa",
-        "average",
-    ]
+    scores = [c for c in table.columns if not c.endswith((" low", " high", " n"))]
+    assert scores == ["method", "budget", "metric", "narrativeqa", "hotpotqa", "average"]
+    for column in scores[3:]:  # every score with its interval and number of examples
+        assert (table[f"{column} low"] <= table[column]).all()
+        assert (table[column] <= table[f"{column} high"]).all()
+    assert list(table["average n"]) == [4] * 5 and list(table["hotpotqa n"]) == [2] * 5
     assert list(zip(table["method"], table["budget"], strict=True)) == [
         ("full", "full"),
         ("capkv", "budget64"),
@@ -152,30 +161,40 @@ def test_task_table_holds_the_run_scores(drawn: tuple[Path, str]) -> None:
         {"exact": 75.0, "graded": 50.0}
     )
     assert (
-        "| capkv | budget64 | score | 15.0 | 37.5 | 26.2 |"
+        "| capkv | budget64 | score | 15.0 [10.0, 20.0] | 37.5 [25.0, 50.0] | 26.2 ["
         in (plots / "org-tiny-0.5b_longbench_query_aware_table.md").read_text()
     )
 
 
-def test_unchanged_figures_are_not_redrawn(
+def test_drawing_never_rewrites_the_tables_and_refuses_stale_ones(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     plots, _ = draw_tree(tmp_path)
     results = plots.parent / "results"
+    tables = {path: path.read_bytes() for path in results.glob("*.*")}
     arguments = ["--results", str(results), "--plots", str(plots)]
     main(arguments)
-    out = capsys.readouterr().out
-    assert "(15 unchanged figures left as they were)" in out  # 10 + 2 heatmaps, 3 curves
-    assert ".png" not in out and "_table.md" in out
+    assert {path: path.read_bytes() for path in results.glob("*.*")} == tables
     scaled = [
         {**r, "scores": {"score": r["scores"]["score"] / 2}}
         for r in longbench_rows("capkv", "budget64")
     ]
-    write_run(results, "longbench", "capkv", "budget64", scaled)
+    write_run(results, "longbench", "capkv", "budget64", scaled)  # a run newer than the tables
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(arguments)
+    assert stop.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {results / 'scores.csv'} is older than the run folders")
+    assert "`make tables`" in line
+    (results / "scores.csv").unlink()
+    with pytest.raises(SystemExit):
+        main(arguments)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "scores.csv is missing" in line and "`make tables`" in line
+    aggregate(results)
     main(arguments)
-    out = capsys.readouterr().out
-    assert "org-tiny-0.5b_longbench_query_aware_score_vs_tokens.png" in out
-    assert "(14 unchanged figures left as they were)" in out
+    assert "org-tiny-0.5b_longbench_query_aware_score_vs_tokens.png" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("results_exist", [False, True])
@@ -183,7 +202,7 @@ def test_nothing_to_draw(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], results_exist: bool
 ) -> None:
     results = tmp_path / "results"
-    if results_exist:  # a runs folder without finished runs: aggregate writes empty tables
+    if results_exist:  # a runs folder without finished runs (and no tables yet)
         (results / "runs").mkdir(parents=True)
     main(["--results", str(results), "--plots", str(tmp_path / "plots")])
     out = capsys.readouterr().out
@@ -192,17 +211,18 @@ def test_nothing_to_draw(
     assert not (tmp_path / "plots").exists()
 
 
-def test_budget_labels_and_file_names() -> None:
-    assert parse_budget("budget512") == ("tokens", 512.0)
-    assert parse_budget("ratio0.5") == ("ratio", 0.5)
-    assert parse_budget("full")[0] == "full"
-    labels = ["ratio0.25", "budget512", "full", "ratio0.75", "budget64"]
-    assert sorted(labels, key=budget_sort_key) == [
-        "full",
-        "budget64",
-        "budget512",
-        "ratio0.75",
-        "ratio0.25",
+def test_budgets_are_named_and_ordered_from_their_fields() -> None:
+    nan = float("nan")
+    assert budget_display(512, nan) == "512 tokens/head"
+    assert budget_display(nan, 0.5) == "50% removed"
+    assert budget_display(None, None) == "full cache"
+    budgets = [(nan, 0.25), (512, nan), (nan, nan), (nan, 0.75), (64, nan)]
+    assert [budget_display(*b) for b in sorted(budgets, key=lambda b: budget_sort_key(*b))] == [
+        "full cache",
+        "64 tokens/head",
+        "512 tokens/head",
+        "75% removed",
+        "25% removed",
     ]
     assert (
         safe_name("meta-llama/Llama 3", "needle", "capkv-v2")

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from capkv.figures import main as figures_main
+from capkv.figures.cli import main as figures_main
 from capkv.models import build_tiny_model
 from capkv.results import (
     CONFIG,
     EXAMPLES,
     METRICS,
-    RUN_KEYS,
     aggregate,
     finished_rows,
     run_directory,
+    run_identity,
     write_atomically,
 )
 from capkv.runner import Cell, run_cell
@@ -238,7 +238,7 @@ def test_a_run_recomputes_only_the_damaged_line(tmp_path, monkeypatch):
 
     model, tokenizer = build_tiny_model()
     task = NeedleTask(context_lengths=[200], depths=[0, 50, 100])
-    identity = dict(zip(RUN_KEYS, NEEDLE_CELL, strict=True))
+    identity = run_identity("tiny-random", "needle", "capkv", "", Budget(tokens=64), "query_aware")
     args = (model, tokenizer, task)
     run_cell(*args, Cell(SnapKV(window=8), Budget(tokens=64), tmp_path, identity), "query_aware")
     reference = finished_rows(tmp_path)
@@ -269,7 +269,10 @@ def test_aggregation_skips_a_damaged_cell_with_one_warning(tmp_path, caplog, dam
         "model": "tiny-random",
         "task": "needle",
         "method": "capkv",
+        "variant": "",
         "budget": "budget64",
+        "budget_tokens": 64,
+        "ratio": None,
         "protocol": "query_aware",
         "n_examples": 1,
         "scores": {"exact": 100.0},

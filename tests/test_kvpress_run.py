@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from capkv.figures import draw_all
+from capkv.figures.cli import draw_all
 from capkv.interop import kvpress_problem
 from capkv.results import finished_rows, run_directory
 from tests.test_run import error_lines, run
@@ -46,7 +46,7 @@ def test_a_sweep_mixes_presses_and_our_methods(tmp_path):
             assert len(rows) == 2 and all("capacity_fraction" in r["diagnostics"] for r in rows)
     assert max(rows_of(results, "kvpress-tova", "budget64")[0]["kept_tokens_per_layer"]) == 64
     assert "kvpress-tova" in (results / "main_table.csv").read_text()
-    figures, _ = draw_all(results, tmp_path / "plots")
+    figures = draw_all(results, tmp_path / "plots")
     assert figures
 
 

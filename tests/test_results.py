@@ -1,4 +1,5 @@
-"""The main table: headline per task, one column per task family, an honest average."""
+"""The main table: headline per task, one column per task family, an honest average; every
+score with its interval, and paired comparisons, rebuilt from the run folders alone."""
 
 from __future__ import annotations
 
@@ -6,11 +7,25 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from capkv.results import CONFIG, METRICS, RUNS, aggregate, main_table, task_reportings
+from capkv import Budget
+from capkv.results import (
+    CONFIG,
+    EXAMPLES,
+    METRICS,
+    RUNS,
+    ExampleLog,
+    aggregate,
+    identity_directory,
+    main_table,
+    run_identity,
+    task_reportings,
+    write_metrics,
+)
 from capkv.tasks.base import Reporting, task_reporting
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def score_rows(task: str, method: str, budget: str, subtasks: dict[str, float]) -> list[dict]:
     """score_table rows of one run: the average over subtasks first, then each subtask, each
     with a headline metric ``m`` and a second metric ``other`` that must be ignored."""
-    run = {"model": "tiny", "task": task, "method": method, "budget": budget, "protocol": "qa"}
+    run = {"model": "tiny", "task": task, "method": method, "variant": "", "budget": budget}
+    run["protocol"] = "qa"
     average = sum(subtasks.values()) / len(subtasks) if subtasks else 50.0
     rows = []
     for subtask, score in [("average", average), *subtasks.items()]:
@@ -84,3 +100,96 @@ def test_a_run_without_saved_reporting_asks_the_task_of_its_config(tmp_path):
 def test_a_task_class_without_reporting_is_named():
     with pytest.raises(ValueError, match="CappedTask does not say how its scores are reported"):
         task_reporting({"_target_": "capkv.tasks.base.CappedTask"})
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def write_ruler_run(results: Path, method: str, budget: Budget | None, scores: list[float]):
+    """A run folder of a two-family task (niah_single, vt; 10 examples each) as the runner
+    writes it; ``scores`` gives each example's score, niah_single's first."""
+    identity = run_identity("tiny", "ruler", method, "", budget, "query_aware")
+    rows = [
+        {
+            "example_id": f"{subtask}/{i}",
+            "subtask": subtask,
+            "scores": {"m": scores[10 * s + i]},
+            "prompt_tokens": 100,
+            "kept_tokens_per_layer": [50, 50],
+        }
+        for s, subtask in enumerate(["niah_single", "vt"])
+        for i in range(10)
+    ]
+    run_dir = identity_directory(results, identity)
+    log = ExampleLog(run_dir / EXAMPLES, [])
+    for row in reversed(rows):  # the file order does not change the intervals
+        log.append(row)
+    log.close()
+    families = {"niah_single": "NIAH", "vt": "Variable tracking"}
+    write_metrics(run_dir, identity, rows, reporting=Reporting("ruler", "m", families))
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Runs where SnapKV answers exactly as CapKV, and the full cache beats both on every
+    example; tables built from the run folders alone."""
+    results = tmp_path_factory.mktemp("uncertainty")
+    capkv = list(np.random.default_rng(0).random(20) * 0.8)
+    write_ruler_run(results, "capkv", Budget(ratio=0.5), capkv)
+    write_ruler_run(results, "snapkv", Budget(ratio=0.5), capkv)
+    write_ruler_run(results, "full", None, [score + 0.2 for score in capkv])
+    aggregate(results)
+    return results
+
+
+def test_main_table_cells_carry_their_examples_and_interval(tables: Path) -> None:
+    table = pd.read_csv(tables / "main_table.csv").set_index("method")
+    for column in ["ruler", "ruler: NIAH", "ruler: Variable tracking", "average"]:
+        for method, row in table.iterrows():
+            assert row[f"{column} low"] <= row[column] <= row[f"{column} high"], (method, column)
+    assert table.loc["capkv", "ruler n"] == 20 and table.loc["capkv", "ruler: NIAH n"] == 10
+    text = (tables / "main_table.md").read_text()
+    assert "bootstrap" in text and "ruler (n=20)" in text
+    row = table.loc["capkv"]
+    assert f"| {row['ruler']:.1f} [{row['ruler low']:.1f}, {row['ruler high']:.1f}] |" in text
+
+
+def test_the_headline_interval_resamples_within_subtasks(tables: Path) -> None:
+    intervals = pd.read_csv(tables / "intervals.csv")
+    capkv = intervals[(intervals["method"] == "capkv") & (intervals["metric"] == "m")]
+    by_group = capkv.set_index("group")
+    assert set(capkv["level"]) == {"task", "family", "subtask"}
+    assert by_group.loc["average", "mean"] == pytest.approx(
+        (by_group.loc["niah_single", "mean"] + by_group.loc["vt", "mean"]) / 2
+    )
+    assert by_group.loc["average", "n"] == 20
+    # Averaging two independent subtasks narrows the interval below either subtask's.
+    width = by_group["high"] - by_group["low"]
+    assert width["average"] < min(width["niah_single"], width["vt"])
+
+
+def test_paired_comparisons_call_identical_methods_a_tie_and_a_uniform_gain_significant(
+    tables: Path,
+) -> None:
+    paired = pd.read_csv(tables / "paired.csv")
+    task = paired[paired["level"] == "task"].set_index(["method", "reference"])
+    same = task.loc[("snapkv", "capkv")]
+    assert (same["difference"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    assert same["verdict"] == "tie" and same["p_value"] == 1.0 and same["ties"] == 20
+    worse = task.loc[("capkv", "full")]
+    assert worse["difference"] == pytest.approx(-20.0) and worse["high"] < 0
+    assert worse["verdict"] == "worse" and worse["p_value"] < 0.01 and worse["losses"] == 20
+    assert ("full", "full") not in task.index and ("capkv", "capkv") not in task.index
+    assert (
+        "| snapkv | capkv | 20 | 0.0 [0.0, 0.0] | 1.000 | 0/0/20 | tie |"
+        in (tables / "paired.md").read_text()
+    )
+
+
+def test_tables_are_a_function_of_the_run_folders_alone(tables: Path, tmp_path: Path) -> None:
+    names = ["main_table.csv", "main_table.md", "intervals.csv", "paired.csv", "paired.md"]
+    before = {name: (tables / name).read_text() for name in names}
+    copy = tmp_path / "copy"
+    shutil.copytree(tables / "runs", copy / "runs")
+    aggregate(copy)
+    assert {name: (copy / name).read_text() for name in names} == before

@@ -11,12 +11,20 @@ import time
 from collections import Counter
 from itertools import product
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from baselines import StreamingLLM
 from capkv import Budget, CapKV
-from capkv.results import METRICS, aggregate, finished_rows, rows_files, run_directory
+from capkv.results import (
+    METRICS,
+    aggregate,
+    finished_rows,
+    identity_directory,
+    rows_files,
+    run_identity,
+)
 from capkv.runner import Cell, CellBusy, RunLog, shard_lock_path
 from capkv.shards import Shard, check_shards, select_shard, shard_assignment
 from capkv.sweep import run_sweep
@@ -100,14 +108,8 @@ def test_a_shard_outside_the_shards_is_refused_in_one_sentence(shards, shard, me
     assert "\n" not in str(error.value)
 
 
-def identity(method: str) -> dict[str, str]:
-    return {
-        "model": "tiny",
-        "task": "needle",
-        "method": method,
-        "budget": "budget64",
-        "protocol": "query_aware",
-    }
+def identity(method: str) -> dict[str, Any]:
+    return run_identity("tiny", "needle", method, "", Budget(tokens=64), "query_aware")
 
 
 def sweep(results, model, tokenizer, shard: Shard) -> list[dict]:
@@ -116,7 +118,7 @@ def sweep(results, model, tokenizer, shard: Shard) -> list[dict]:
         Cell(
             method,
             Budget(tokens=64),
-            run_directory(results, **identity(name)),
+            identity_directory(results, identity(name)),
             identity(name),
             shard,
         )
@@ -132,7 +134,7 @@ def tables(results) -> dict[str, str]:
 
 def metrics_of(results) -> list[dict]:
     return [
-        json.loads((run_directory(results, **identity(name)) / METRICS).read_text())
+        json.loads((identity_directory(results, identity(name)) / METRICS).read_text())
         for name in ("capkv", "streamingllm")
     ]
 
@@ -144,7 +146,7 @@ def test_a_cell_run_as_three_shards_has_the_metrics_and_tables_of_one_run(tmp_pa
         sweep(tmp_path / "three", model, tokenizer, Shard(index, 3))
     assert metrics_of(tmp_path / "three") == metrics_of(tmp_path / "one")
     assert tables(tmp_path / "three") == tables(tmp_path / "one")
-    cell = run_directory(tmp_path / "three", **identity("capkv"))
+    cell = identity_directory(tmp_path / "three", identity("capkv"))
     assert [p.name for p in rows_files(cell)] == [
         f"examples.shard-{i}-of-3.jsonl" for i in range(3)
     ]
@@ -167,10 +169,10 @@ def test_resuming_with_another_shard_count_runs_each_example_once(tmp_path, gqa_
     model, tokenizer = gqa_model
     sweep(tmp_path, model, tokenizer, Shard(0, 2))
     first = {
-        row["example_id"] for row in finished_rows(run_directory(tmp_path, **identity("capkv")))
+        row["example_id"] for row in finished_rows(identity_directory(tmp_path, identity("capkv")))
     }
     sweep(tmp_path, model, tokenizer, Shard(0, 1))  # the unsharded run does the rest
-    cell = run_directory(tmp_path, **identity("capkv"))
+    cell = identity_directory(tmp_path, identity("capkv"))
     unsharded = [json.loads(line) for line in (cell / "examples.jsonl").read_text().splitlines()]
     assert {row["example_id"] for row in unsharded}.isdisjoint(first)
     counts = Counter(row["example_id"] for row in finished_rows(cell))

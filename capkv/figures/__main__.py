@@ -1,0 +1,5 @@
+"""``python -m capkv.figures``: see :mod:`capkv.figures.cli`."""
+
+from capkv.figures.cli import main
+
+main()
