@@ -71,9 +71,7 @@ def families_of(path: Path, metrics: dict[str, Any]) -> dict[str, str]:
     return reporting.families if reporting is not None else {}
 
 
-def levels(
-    strata: list[str], family_of: dict[str, str]
-) -> Iterator[tuple[str, str, list[str]]]:
+def levels(strata: list[str], family_of: dict[str, str]) -> Iterator[tuple[str, str, list[str]]]:
     """(level, group, subtasks) of a task's subtasks: the task, each family (``family_of``, a
     subtask without one its own family), each subtask."""
     yield "task", "average", strata

@@ -76,6 +76,12 @@ class CompressionRecord:
         means = [sum(heads) / len(heads) for heads in per_head]
         return [int(mean) if mean.is_integer() else round(mean, 2) for mean in means]
 
+    def ragged(self) -> bool:
+        """True when the KV heads of some layer keep different numbers of tokens (the padded,
+        per-head masked layout of head-adaptive and model-wide allocations)."""
+        per_head = self.kept_per_head()
+        return per_head is not None and any(min(heads) != max(heads) for heads in per_head)
+
     def padded_per_layer(self) -> list[int]:
         """Cache slots per KV head in each layer: the largest head's count (padding included)."""
         return [

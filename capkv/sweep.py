@@ -78,13 +78,16 @@ def decoding_groups(records: list[CompressionRecord]) -> list[list[int]]:
 
     A cell joins the current group while the group's padded cache (every layer as long as its
     longest member's) stays within ``1 + MAX_PADDING`` times its real tokens, so a full-cache
-    cell does not pad every compressed cell to the whole prompt.
+    cell does not pad every compressed cell to the whole prompt. A cell whose KV heads keep
+    different numbers of tokens (:meth:`CompressionRecord.ragged`) carries a per-head mask that
+    the batch's padding mask cannot hold: it forms a group of its own, decoded one by one.
     """
     lengths = [record.kept_per_layer() for record in records]
     order = sorted(range(len(records)), key=lambda i: -sum(lengths[i]))
-    groups: list[list[int]] = []
-    for index in order:
-        if groups:
+    groups: list[list[int]] = [[i] for i in order if records[i].ragged()]
+    batchable = [i for i in order if not records[i].ragged()]
+    for index in batchable:
+        if groups and not records[groups[-1][0]].ragged():
             members = [*groups[-1], index]
             longest = [max(layer) for layer in zip(*(lengths[i] for i in members), strict=True)]
             padded = len(members) * sum(longest)
@@ -199,7 +202,7 @@ def run_sweep(
             for group in groups:
                 start = time.perf_counter()
                 caches = [gathered_cache(full_cache, records[i]) for i in group]
-                decode_group = decode_together if batched else decode_alone
+                decode_group = decode_together if batched and len(group) > 1 else decode_alone
                 predictions = decode_group(
                     model, tokenizer, caches, prompt, protocol, last_logits, example.max_new_tokens
                 )

@@ -215,7 +215,7 @@ def test_iterative_costs_are_recomputed_against_the_kept_set(gqa_model):
 
 
 def test_allocation_figure_draws_capkv_beside_pyramidkv(tmp_path, gqa_model):
-    from capkv.allocation_plot import allocations, draw
+    from capkv.figures.allocation import allocations, draw
 
     model, tokenizer = gqa_model
     per_head, schedule, length = allocations(model, tokenizer, 300, 50.0, Budget(ratio=0.5))

@@ -107,11 +107,14 @@ def test_batched_greedy_tokens_equal_one_by_one(attn_implementation, protocol):
 
 
 def test_padding_groups_keep_the_full_cache_apart():
-    def record(lengths):
-        return SimpleNamespace(kept_per_layer=lambda: lengths)
+    def record(lengths, ragged=False):
+        return SimpleNamespace(kept_per_layer=lambda: lengths, ragged=lambda: ragged)
 
     records = [record([100, 100]), record([20, 20]), record([24, 16]), record([18, 22])]
     assert decoding_groups(records) == [[0], [1, 2, 3]]
+    # A cell whose KV heads keep different counts (head-adaptive) decodes on its own.
+    records.append(record([20, 20], ragged=True))
+    assert decoding_groups(records) == [[4], [0], [1, 2, 3]]
 
 
 def sweep_cells(root, cells):
@@ -130,6 +133,8 @@ def test_batched_sweep_writes_the_rows_and_metrics_of_the_one_by_one_sweep(tmp_p
     model, tokenizer = gqa_model
     task = NeedleTask(context_lengths=[250], depths=[0, 100], max_new_tokens=10)
     cells = {f"cell{i}": CELLS[i] for i in (0, 2, 3, 6)}  # CapKV, SnapKV, PyramidKV, full
+    # Head-adaptive: KV heads of a layer keep different counts, so it decodes on its own.
+    cells["adaptive"] = (SnapKV(window=8, allocation="adaptive", floor=0.2), Budget(tokens=40))
     alone = run_sweep(model, tokenizer, task, sweep_cells(tmp_path / "alone", cells), "query_aware")
     # Resume: the batched sweep first runs two cells, then all of them.
     first = dict(list(cells.items())[:2])

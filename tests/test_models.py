@@ -8,6 +8,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+import transformers
 from transformers import GPT2Config
 
 from capkv.hooks import rope_theta
@@ -180,9 +181,8 @@ def test_smollm2_converts_once_then_loads_from_cache(monkeypatch, tmp_path):
 
 
 def test_smollm2_default_cache_follows_capkv_cache(monkeypatch, tmp_path):
+    folder = f"smollm2-135m-instruct-transformers{transformers.__version__.split('.')[0]}"
     monkeypatch.setenv("CAPKV_CACHE", str(tmp_path))
-    assert smollm2.default_smollm2_cache() == tmp_path / "models" / "smollm2-135m-instruct"
+    assert smollm2.default_smollm2_cache() == tmp_path / "models" / folder
     monkeypatch.delenv("CAPKV_CACHE")
-    assert smollm2.default_smollm2_cache() == (
-        Path.home() / ".cache" / "capkv" / "models" / "smollm2-135m-instruct"
-    )
+    assert smollm2.default_smollm2_cache() == Path.home() / ".cache" / "capkv" / "models" / folder

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Tokenizer
 from transformers import (
     AutoModelForCausalLM,
@@ -69,14 +70,16 @@ def smollm2_gguf_path() -> Path:
 
 
 def default_smollm2_cache() -> Path:
-    """Folder of the converted SmolLM2 model.
+    """Folder of the converted SmolLM2 model, one per transformers major version (a tokenizer
+    saved by transformers 5 cannot be read by 4, and the other way round).
 
-    ``$CAPKV_CACHE/models/smollm2-135m-instruct`` when ``CAPKV_CACHE`` is set, else
-    ``~/.cache/capkv/models/smollm2-135m-instruct``.
+    ``$CAPKV_CACHE/models/smollm2-135m-instruct-transformers5`` when ``CAPKV_CACHE`` is set,
+    else the same under ``~/.cache/capkv``.
     """
     root = os.environ.get("CAPKV_CACHE")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "capkv"
-    return base / SMOLLM2_CACHE_SUBDIR
+    major = transformers.__version__.split(".")[0]
+    return base / SMOLLM2_CACHE_SUBDIR.with_name(f"{SMOLLM2_CACHE_SUBDIR.name}-transformers{major}")
 
 
 def _is_converted(folder: Path) -> bool:

@@ -1,7 +1,7 @@
 """The allocation figure: tokens kept per (layer, KV head) by CapKV's model-wide allocation on one
 needle prompt, as a heatmap, beside PyramidKV's hand-made schedule for the same budget.
 
-    python -m capkv.allocation_plot [--model smollm2-135m] [--context-length 4096] [--depth 50]
+    python -m capkv.figures.allocation [--model smollm2-135m] [--context-length 4096] [--depth 50]
         [--ratio 0.75 | --budget 512] [--out plots/<model>_allocation.png]
 
 One prefill records both allocations (sweep mode's :func:`capkv.engine.record_kept`); nothing is
