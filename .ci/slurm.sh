@@ -142,7 +142,9 @@ start() {
         || sacctmgr -i add cluster "$CLUSTER" >/dev/null
 
     if ! running slurmctld /run/slurmctld.pid; then
-        slurmctld
+        # -c: no jobs or node states from an earlier cluster on this machine (a node saved as
+        # down or drained would never take the tests' jobs).
+        slurmctld -c
         started slurmctld /run/slurmctld.pid
     fi
     if ! running slurmd /run/slurmd.pid; then
