@@ -11,7 +11,8 @@ NEWEST_TRANSFORMERS := transformers==5.24.0
 ORACLE_VENV := .venv-oracle
 ORACLE_TRANSFORMERS := transformers==4.56.2
 
-.PHONY: setup test lint format run figures tables reproduce bench clean
+.PHONY: setup test lint format run figures tables reproduce reproduce-allocation \
+	reproduce-leaderboard bench clean
 
 setup: $(VENV)/.installed
 
@@ -63,6 +64,24 @@ reproduce: $(VENV)/.installed
 	$(BIN)/python run.py experiment=needle_context_limit
 	$(BIN)/python run.py experiment=ruler
 	$(MAKE) tables figures
+
+# Beyond the paper: uniform against head-adaptive and CapKV's own allocations (sharing the
+# uniform cells of needle_heatmaps and ruler), and the allocation figure.
+reproduce-allocation: $(VENV)/.installed
+	$(BIN)/python run.py experiment=allocation_needle
+	$(BIN)/python run.py experiment=allocation_ruler
+	$(BIN)/python -m capkv.figures.allocation
+	$(MAKE) tables figures
+
+# Every kvpress scorer press beside our methods. kvpress needs transformers<5.3, so the runs use
+# .venv-oracle (transformers 4.56); ObservedAttention needs eager attention (a second sweep).
+LEADERBOARD := results/kvpress_leaderboard
+reproduce-leaderboard: $(VENV)/.installed $(ORACLE_VENV)/.installed
+	$(ORACLE_VENV)/bin/python run.py experiment=kvpress_leaderboard
+	$(ORACLE_VENV)/bin/python run.py experiment=kvpress_leaderboard \
+		'methods=[kvpress-observedattention]' model.attn_implementation=eager
+	$(MAKE) tables figures RESULTS=$(LEADERBOARD) PLOTS=plots/kvpress_leaderboard
+	$(BIN)/python -m capkv.leaderboard $(LEADERBOARD) plots/kvpress_leaderboard
 
 # The tables and plots of the committed reference results (what `make reproduce` and the
 # experiments write). Your own runs go to outputs/results (config.yaml's results_dir):

@@ -41,9 +41,11 @@ def test_experiment_is_chosen_without_a_plus_and_the_plus_still_works():
 
 def test_make_reproduce_writes_the_committed_results_and_other_runs_an_ignored_folder():
     makefile = (CONF_DIR.parent / "Makefile").read_text()
-    reproduce = makefile.split("\nreproduce:", 1)[1].split("\n\n", 1)[0]
-    committed = set(re.findall(r"experiment=(\w+)", reproduce))
-    assert committed == {"needle_heatmaps", "needle_context_limit", "ruler"}
+    targets = re.findall(r"\n(reproduce[\w-]*):[^\n]*\n(.*?)(?:\n\n|$)", makefile, re.S)
+    committed_by = {target: set(re.findall(r"experiment=(\w+)", body)) for target, body in targets}
+    assert committed_by["reproduce"] == {"needle_heatmaps", "needle_context_limit", "ruler"}
+    committed = set().union(*committed_by.values())
+    assert {"allocation_needle", "allocation_ruler", "kvpress_leaderboard"} <= committed
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         folders = {
             name: compose("config", overrides=[f"experiment={name}"]).results_dir
