@@ -8,8 +8,10 @@ from typing import ClassVar
 import torch
 
 from capkv.attention import accumulated_attention
-from capkv.layer import LayerPrefill
+from capkv.layer import LayerPrefill, StreamMemory
 from capkv.method import EvictionMethod
+
+TALLY = "attention"  # the accumulated attention a streaming H2O carries between compressions
 
 
 @dataclass
@@ -25,6 +27,11 @@ class H2O(EvictionMethod):
     elsewhere queries are processed in chunks, so memory grows as ``chunk x T``, never
     ``T x T`` (:func:`capkv.attention.accumulated_attention`). No attention weights are asked of
     the model (sdpa and flash-attention keep working).
+
+    In streaming mode (:mod:`capkv.streaming`) the score is the paper's online one: every
+    compression adds the attention its new queries (a prompt chunk, or the tokens generated
+    since the last compression) paid to the cached tokens to the tally carried over, and a token
+    evicted leaves the tally.
 
     Parameters
     ----------
@@ -56,4 +63,11 @@ class H2O(EvictionMethod):
         return 0, self.window
 
     def score(self, layer: LayerPrefill) -> torch.Tensor:
-        return accumulated_attention(layer, self.chunk)
+        received = accumulated_attention(layer, self.chunk)
+        earlier = layer.memory.per_token.get(TALLY) if layer.memory is not None else None
+        if earlier is not None:  # streaming: the tally of the tokens still cached
+            received[..., : earlier.shape[-1]] += earlier
+        return received
+
+    def remember(self, layer: LayerPrefill, scores: torch.Tensor) -> StreamMemory:
+        return StreamMemory(per_token={TALLY: scores})

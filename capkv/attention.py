@@ -68,6 +68,10 @@ def accumulated_attention(
 ) -> torch.Tensor:
     """Attention each key receives from every prompt query, averaged over its query heads.
 
+    In streaming mode (:attr:`LayerPrefill.new_tokens`) only the queries of the tokens read
+    since the layer's last compression are counted; the fused kernel needs every query, so it
+    serves whole prompts only.
+
     Parameters
     ----------
     layer : LayerPrefill
@@ -76,8 +80,8 @@ def accumulated_attention(
         Queries per chunk of the PyTorch path (memory ``chunk x T`` per query head).
     fused : bool, optional
         True: the Triton kernel of :mod:`capkv.h2o_kernel` (memory ``O(T)`` per head); False:
-        the chunked PyTorch path. None (default): the kernel on CUDA when Triton imports, the
-        chunked path otherwise.
+        the chunked PyTorch path. None (default): the kernel on CUDA when Triton imports and
+        every query is new, the chunked path otherwise.
 
     Returns
     -------
@@ -86,19 +90,20 @@ def accumulated_attention(
         and averaged over the query heads of its KV head.
     """
     keys = layer.keys
+    prompt_length = layer.prompt_length
+    first_query = prompt_length - layer.num_new
     if fused is None:
-        fused = keys.is_cuda and _fused_kernel() is not None
+        fused = keys.is_cuda and first_query == 0 and _fused_kernel() is not None
     if fused:
         kernel = _fused_kernel()
         if kernel is None:
             raise ImportError("The fused H2O kernel needs Triton: pip install triton.")
         queries = layer.queries(0).to(keys.dtype)
         return kernel(queries, keys, layer.module.scaling) / layer.group_size
-    prompt_length = layer.prompt_length
     scores = torch.zeros(
         keys.shape[0], keys.shape[1], prompt_length, dtype=torch.float32, device=keys.device
     )
-    for start in range(0, prompt_length, chunk):
+    for start in range(first_query, prompt_length, chunk):
         end = min(start + chunk, prompt_length)
         scores[..., :end] += received_attention(layer, start, end).mean(dim=2)
     return scores

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from capkv.allocation import head_floor, padded_indices, pooled_selection
 from capkv.budget import Budget
 from capkv.capacity import log_det_capacity
-from capkv.layer import LayerPrefill, apply_rope
+from capkv.layer import LayerPrefill, StreamMemory, apply_rope
 from capkv.method import EvictionMethod
+
+ANCHOR_SUM, ANCHOR_COUNT = "anchor_sum", "anchor_count"  # a streaming CapKV's query anchor
 
 
 @dataclass
@@ -33,6 +35,11 @@ class CapKV(EvictionMethod):
     normalisation, the max shift and the averaged RoPE depart from the paper's plain dot
     product; ``u_i = v_i`` (the raw value vector) is the paper's own simplification. Scores are
     computed per query head and averaged over the query heads of each KV head (GQA).
+
+    In streaming mode (:mod:`capkv.streaming`) the pool is the layer's current cache (the
+    tokens kept so far and those read since), and the anchor the mean over every query read so
+    far, rotated by the RoPE of the ``n_future`` positions after the last token read: the same
+    objective, against what the cache can still hold.
 
     Parameters
     ----------
@@ -89,19 +96,51 @@ class CapKV(EvictionMethod):
     def protected(self, prompt_length: int) -> tuple[int, int]:
         return self.n_sink, 0
 
-    def query_anchor(self, layer: LayerPrefill) -> torch.Tensor:
-        """mu_q per query head, grouped by KV head: (B, H_kv, G, d)."""
-        hidden = layer.hidden_states[:, self.n_sink :]
+    def anchor_inputs(self, layer: LayerPrefill) -> tuple[torch.Tensor, int]:
+        """What the query anchor averages over the tokens new in this compression (sinks
+        excluded), and the axis of those tokens: their hidden states (B, n, D), axis 1; with
+        QK-norm their pre-RoPE queries (B, H, n, d), axis 2. The projection is affine, so
+        without QK-norm the mean query is the projection of the mean state."""
+        first_new = layer.next_position - layer.num_new
+        start = layer.observed - layer.num_new + max(0, self.n_sink - first_new)
+        hidden = layer.hidden_states[:, start:]
         if getattr(layer.module, "q_norm", None) is None:
-            # The projection is affine, so the mean query is the projection of the mean state.
-            queries = layer.project_queries(hidden.mean(dim=1, keepdim=True))
+            return hidden, 1
+        return layer.project_queries(hidden), 2
+
+    def query_anchor(self, layer: LayerPrefill) -> torch.Tensor:
+        """mu_q per query head, grouped by KV head: (B, H_kv, G, d).
+
+        The mean runs over every token read so far but the sinks: the prompt at the end of a
+        prefill; in streaming mode the sums carried over (:meth:`remember`) plus this
+        compression's new tokens. The future positions follow the last token read.
+        """
+        inputs, axis = self.anchor_inputs(layer)
+        totals = layer.memory.totals if layer.memory is not None else {}
+        if ANCHOR_SUM in totals:
+            total = totals[ANCHOR_SUM] + inputs.float().sum(dim=axis, keepdim=True)
+            count = totals[ANCHOR_COUNT] + inputs.shape[axis]
+            mean = (total / max(count, 1)).to(inputs.dtype)
         else:
-            queries = layer.project_queries(hidden).mean(dim=2, keepdim=True)
-        start = layer.prompt_length
+            mean = inputs.mean(dim=axis, keepdim=True)
+        queries = layer.project_queries(mean) if axis == 1 else mean
+        hidden = layer.hidden_states
+        start = layer.next_position
         future = torch.arange(start, start + self.n_future, device=hidden.device).unsqueeze(0)
         cos, sin = layer.rotary_emb(queries.float(), future)
         anchor = apply_rope(queries.float(), cos.mean(1, keepdim=True), sin.mean(1, keepdim=True))
         return layer.grouped(anchor.squeeze(2))
+
+    def remember(self, layer: LayerPrefill, scores: torch.Tensor) -> StreamMemory:
+        """The anchor's running sum (float32) and count of the tokens read so far."""
+        inputs, axis = self.anchor_inputs(layer)
+        totals = layer.memory.totals if layer.memory is not None else {}
+        return StreamMemory(
+            totals={
+                ANCHOR_SUM: totals.get(ANCHOR_SUM, 0.0) + inputs.float().sum(axis, keepdim=True),
+                ANCHOR_COUNT: totals.get(ANCHOR_COUNT, 0) + inputs.shape[axis],
+            }
+        )
 
     def relevance_weights(self, layer: LayerPrefill) -> torch.Tensor:
         """w_i per query head, (B, H_kv, G, T); the max shift runs over non-sink tokens."""

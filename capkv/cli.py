@@ -38,6 +38,7 @@ from capkv.runner import (
     shard_lock_path,
 )
 from capkv.shards import Shard
+from capkv.streaming import StreamSettings, check_streamable
 from capkv.sweep import run_sweep
 from capkv.tasks.base import capped
 from capkv.validation import check_allocation, check_config
@@ -172,6 +173,8 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
     sweeping = sweep_mode(cfg)
     names = list(cfg.methods) if sweeping and cfg.methods else [choices["method"]]
     shard = Shard(cfg.shard, cfg.shards)
+    stream = StreamSettings(cfg.get("chunk"), cfg.get("compress_every"))
+    variant = "-".join(part for part in (str(cfg.variant or ""), stream.label) if part)
     results_dir = Path(to_absolute_path(cfg.results_dir))
     base = OmegaConf.to_container(cfg, resolve=True)
     for key in (*SWEEP_KEYS, *SHARD_KEYS):
@@ -181,11 +184,13 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
         method_cfg = method_config(cfg, name, choices["method"])
         method: EvictionMethod = instantiate(method_cfg)
         check_allocation(method, cfg.model.attn_implementation)
+        if stream.active:
+            check_streamable(method)
         budgets = planned_budgets(cfg, method) if sweeping else [choose_budget(cfg, method)]
         for budget in budgets:
             label = getattr(method, "folder_name", name)  # kvpress-tova for method=kvpress
             identity = run_identity(
-                choices["model"], task_name, label, cfg.variant, budget, cfg.protocol
+                choices["model"], task_name, label, variant, budget, cfg.protocol
             )
             resolved = {
                 **base,
@@ -198,8 +203,14 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
             check_same_config(run_dir, resolved)
             if is_held(shard_lock_path(run_dir, shard)):
                 raise CellBusy(busy_message(run_dir, shard))
-            cells.append(Cell(method, budget, run_dir, identity, shard, resolved))
+            cells.append(Cell(method, budget, run_dir, identity, shard, resolved, stream))
     return cells
+
+
+def shares_prefill(task: Any, cells: list[Cell]) -> bool:
+    """Whether the cells of a sweep can share one prefill per example: not when they stream
+    (each cell's cache shapes the rest of its reading) nor for a reading task."""
+    return not any(cell.stream.active for cell in cells) and getattr(task, "evaluate", None) is None
 
 
 def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -213,7 +224,7 @@ def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
     if in_multirun():
         prepare_job(HydraConfig.get())
     model, tokenizer = load_model_cached(OmegaConf.to_yaml(cfg.model))
-    if sweep_mode(cfg):
+    if sweep_mode(cfg) and shares_prefill(task, cells):
         all_metrics = run_sweep(
             model,
             tokenizer,
@@ -224,8 +235,7 @@ def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
             decode_batch=cfg.get("decode_batch"),
         )
     else:
-        (cell,) = cells
-        all_metrics = [run_cell(model, tokenizer, task, cell, cfg.protocol)]
+        all_metrics = [run_cell(model, tokenizer, task, cell, cfg.protocol) for cell in cells]
     if not in_multirun():  # a multirun rebuilds the tables once, at its end (capkv.callbacks)
         aggregate(Path(to_absolute_path(cfg.results_dir)))
     for cell, metrics in zip(cells, all_metrics, strict=True):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +25,33 @@ def project_queries(module: nn.Module, hidden_states: torch.Tensor) -> torch.Ten
 
 
 @dataclass
+class StreamMemory:
+    """What a method carries from one compression of a layer to the next in streaming mode
+    (:mod:`capkv.streaming`): empty at a layer's first compression.
+
+    Attributes
+    ----------
+    per_token : dict[str, torch.Tensor]
+        Statistics of the cached tokens, (B, H_kv, L) each (H2O's accumulated attention); the
+        engine gathers them with the tokens it keeps, so an evicted token leaves them.
+    totals : dict[str, Any]
+        Statistics of every token read so far, kept whole (CapKV's sum of queries).
+    """
+
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)
+    totals: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class LayerPrefill:
-    """Everything a method may read about one layer at the end of the prefill.
+    """Everything a method may read about one layer when its cache is compressed.
+
+    At the end of a prefill (the paper's setting) the cache holds the whole prompt and every
+    token's hidden states are observed. In streaming mode (:mod:`capkv.streaming`) the cache
+    holds the tokens kept so far followed by the tokens read since the last compression: the
+    hidden states are those of the cache's last tokens only (:attr:`hidden_states` covers the
+    last ``Q`` cached tokens, the ``new_tokens`` newest of them not yet seen by a compression),
+    ``seen`` counts every token read, and ``memory`` holds what the method carried over.
 
     Attributes
     ----------
@@ -36,11 +62,13 @@ class LayerPrefill:
     num_layers : int
         Number of decoder layers of the model.
     hidden_states : torch.Tensor
-        Hidden states entering attention, (B, T, D).
+        Hidden states entering attention of the last ``Q`` cached tokens, (B, Q, D); ``Q = T``
+        at the end of a prefill.
     keys, values : torch.Tensor
-        The full cached keys (after RoPE) and values, (B, H_kv, T, d).
+        The cached keys (after RoPE) and values, (B, H_kv, T, d), in the order of their
+        positions.
     cos, sin : torch.Tensor
-        RoPE tables of the prompt positions, (B, T, d).
+        RoPE tables of the positions of the hidden states, (B, Q, d).
     attentions : torch.Tensor or None
         The attention weights the layer returned, (B, H, T, T): only eager attention returns
         them (None otherwise). Our methods never read them; kvpress presses that score from
@@ -56,6 +84,9 @@ class LayerPrefill:
     cos: torch.Tensor
     sin: torch.Tensor
     attentions: torch.Tensor | None = None
+    new_tokens: int | None = None
+    seen: int | None = None
+    memory: StreamMemory | None = None
 
     @property
     def layer_idx(self) -> int:
@@ -64,6 +95,26 @@ class LayerPrefill:
     @property
     def prompt_length(self) -> int:
         return self.keys.shape[2]
+
+    @property
+    def observed(self) -> int:
+        """Cached tokens whose hidden states are observed (the last ones of the cache)."""
+        return self.hidden_states.shape[1]
+
+    @property
+    def query_offset(self) -> int:
+        """Cache index of the first observed token (0 at the end of a prefill)."""
+        return self.prompt_length - self.observed
+
+    @property
+    def num_new(self) -> int:
+        """Observed tokens not yet seen by a compression (the last ones)."""
+        return self.observed if self.new_tokens is None else self.new_tokens
+
+    @property
+    def next_position(self) -> int:
+        """Position of the next token: every token read so far."""
+        return self.prompt_length if self.seen is None else self.seen
 
     @property
     def num_kv_heads(self) -> int:
@@ -87,8 +138,17 @@ class LayerPrefill:
         return project_queries(self.module, hidden_states)
 
     def queries(self, start: int, end: int | None = None) -> torch.Tensor:
-        """Post-RoPE queries (B, H, n, d) of prompt positions ``start:end``."""
+        """Post-RoPE queries (B, H, n, d) of the cached tokens ``start:end`` (cache indices,
+        which are prompt positions at the end of a prefill); only observed tokens have them."""
         end = self.prompt_length if end is None else end
+        offset = self.query_offset
+        if start < offset:
+            raise ValueError(
+                f"Queries of cached tokens {start}:{end} were asked, but only the last "
+                f"{self.observed} of {self.prompt_length} are observed in this compression: a "
+                "streaming method reads queries of recent tokens only."
+            )
+        start, end = start - offset, end - offset
         queries = self.project_queries(self.hidden_states[:, start:end])
         return apply_rope(queries, self.cos[:, start:end], self.sin[:, start:end])
 

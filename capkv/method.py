@@ -9,7 +9,7 @@ import torch
 
 from capkv.allocation import ALLOCATIONS, head_floor, padded_indices, pooled_selection
 from capkv.budget import Budget
-from capkv.layer import LayerPrefill
+from capkv.layer import LayerPrefill, StreamMemory
 
 
 @dataclass
@@ -84,6 +84,12 @@ class EvictionMethod:
     def protected(self, prompt_length: int) -> tuple[int, int]:
         """Numbers of first and last prompt tokens that are always kept."""
         return 0, 0
+
+    def remember(self, layer: LayerPrefill, scores: torch.Tensor) -> StreamMemory:
+        """What the layer's next compression in streaming mode reads of this one
+        (:attr:`LayerPrefill.memory`; :mod:`capkv.streaming`): nothing by default. ``scores``
+        are this compression's :meth:`score`."""
+        return StreamMemory()
 
     def layer_budget(self, layer_idx: int, num_layers: int, prompt_length: int, n_kept: int) -> int:
         """Tokens kept in layer ``layer_idx`` when the budget asks for ``n_kept`` per layer."""

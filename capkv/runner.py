@@ -32,6 +32,7 @@ from capkv.results import (
     write_metrics,
 )
 from capkv.shards import UNSHARDED, Shard, select_shard
+from capkv.streaming import StreamSettings, streamed
 from capkv.tasks.base import Example, Reporting, Task, task_reporting
 from capkv.tasks.common import prompt_limit
 
@@ -101,9 +102,19 @@ def generate_one(
     protocol: str,
     prompt: PromptIds,
     max_new_tokens: int,
+    stream: StreamSettings | None = None,
 ) -> tuple[str, CompressionRecord]:
-    """Prefill with eviction under ``protocol``, then decode greedily."""
+    """Prefill with eviction under ``protocol``, then decode greedily; with active ``stream``
+    settings the prompt is read in chunks and generation compressed as it goes
+    (:mod:`capkv.streaming`)."""
     cache = DynamicCache()
+    if stream is not None and stream.active:
+        with streamed(model, method, budget, settings=stream) as streamer:
+            last_logits = streamer.prefill(prefill_ids(prompt, protocol), cache)
+            prediction = decode(
+                model, tokenizer, cache, prompt, protocol, last_logits, max_new_tokens
+            )
+        return prediction, streamer.record
     with evict(model, method, budget=budget) as record:
         last_logits = prefill(model, prefill_ids(prompt, protocol), cache)
         prediction = decode(model, tokenizer, cache, prompt, protocol, last_logits, max_new_tokens)
@@ -154,15 +165,22 @@ def prepared_examples(
 
 
 def result_row(
-    task: Task, example: Example, prompt: PromptIds, prediction: str, record, seconds: float
+    task: Task,
+    example: Example,
+    prompt: PromptIds,
+    prediction: str,
+    record: CompressionRecord,
+    seconds: float,
+    scores: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """One line of ``examples.jsonl``."""
-    return {
+    """One line of ``examples.jsonl``; ``scores`` when the task scored the example itself (a
+    reading task, :func:`example_row`), else the task's score of ``prediction``."""
+    row = {
         "example_id": example.example_id,
         "subtask": example.metadata.get("subtask"),
         "prediction": prediction,
         "answers": example.answers,
-        "scores": task.score(prediction, example),
+        "scores": task.score(prediction, example) if scores is None else scores,
         "prompt_tokens": prompt.length,
         "kept_tokens_per_layer": record.kept_per_layer(),
         "kept_tokens_per_head": record.kept_per_head(),
@@ -170,6 +188,49 @@ def result_row(
         "seconds": round(seconds, 3),
         "metadata": example.metadata,
     }
+    peak = getattr(record, "peak_per_layer", None)
+    if peak is not None:  # a streaming pass: the most tokens each layer held at once
+        row["peak_tokens_per_layer"] = peak
+    return row
+
+
+def example_row(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    task: Task,
+    cell: Cell,
+    protocol: str,
+    example: Example,
+    prompt: PromptIds,
+) -> dict[str, Any]:
+    """Run one example of a cell on its own (no shared prefill) and return its row.
+
+    A task that scores examples itself rather than answers (a reading task such as perplexity)
+    defines ``evaluate(model, tokenizer, example, method, budget, stream)`` returning its
+    ``(fields, record)``: the row's ``scores`` and any other fields, and the
+    :class:`CompressionRecord` of what was kept.
+    """
+    start = time.perf_counter()
+    evaluate = getattr(task, "evaluate", None)
+    if evaluate is not None:
+        fields, record = evaluate(model, tokenizer, example, cell.method, cell.budget, cell.stream)
+        fields = dict(fields)
+        prediction, scores = fields.pop("prediction", ""), fields.pop("scores")
+        seconds = time.perf_counter() - start
+        row = result_row(task, example, prompt, prediction, record, seconds, scores)
+        return {**row, **fields}
+    prediction, record = generate_one(
+        model,
+        tokenizer,
+        cell.method,
+        cell.budget,
+        protocol,
+        prompt,
+        example.max_new_tokens,
+        cell.stream,
+    )
+    seconds = time.perf_counter() - start
+    return result_row(task, example, prompt, prediction, record, seconds)
 
 
 class CellBusy(ValueError):
@@ -177,6 +238,9 @@ class CellBusy(ValueError):
 
 
 CELL_LOCK = ".cell.lock"  # one writer of a cell's config.yaml and metrics.json at a time
+
+
+STREAM_KEYS = ("chunk", "compress_every")  # how a cell streams; older folders lack them (null)
 
 
 def check_same_config(run_dir: Path, resolved: dict[str, Any]) -> None:
@@ -196,6 +260,7 @@ def check_same_config(run_dir: Path, resolved: dict[str, Any]) -> None:
         and stored[section].get(key, field_default(resolved[section], key))
         != resolved[section].get(key)
     ]
+    differing += [key for key in STREAM_KEYS if stored.get(key) != resolved.get(key)]
     if differing:
         raise ValueError(
             f"{run_dir} holds results of other settings (differs in {', '.join(differing)}); "
@@ -316,6 +381,8 @@ class Cell:
         What ``metrics.json`` says the cell is (model, task, method, budget, protocol).
     shard : Shard
         Which examples this process runs (all of them by default).
+    stream : StreamSettings
+        How the prompt is read and generation bounded (by default: prefill-time eviction).
     config : dict or None
         The resolved config, written as ``config.yaml`` before the first row and refused when
         the folder holds results of other settings; its task says how the scores are reported
@@ -328,6 +395,7 @@ class Cell:
     identity: dict[str, Any]
     shard: Shard = UNSHARDED
     config: dict[str, Any] | None = None
+    stream: StreamSettings = field(default_factory=StreamSettings)
     log: RunLog = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -369,12 +437,7 @@ def run_cell(
             todo, desc=f"{cell.identity['method']} {cell.identity['budget']}", unit="example"
         )
         for example, prompt in progress:
-            start = time.perf_counter()
-            prediction, record = generate_one(
-                model, tokenizer, cell.method, cell.budget, protocol, prompt, example.max_new_tokens
-            )
-            seconds = time.perf_counter() - start
-            cell.log.append(result_row(task, example, prompt, prediction, record, seconds))
+            cell.log.append(example_row(model, tokenizer, task, cell, protocol, example, prompt))
     finally:
         metrics = cell.log.close()
     return metrics

@@ -301,6 +301,19 @@ def check_press_attention(plain: dict[str, Any]) -> None:
             )
 
 
+def check_streaming(plain: dict[str, Any]) -> None:
+    """``chunk`` and ``compress_every`` are positive whole numbers or null, and streaming runs
+    without the one-shot diagnostics (they measure a compression of the whole prompt)."""
+    check_count("chunk", plain.get("chunk"), example=512)
+    check_count("compress_every", plain.get("compress_every"), example=64)
+    streaming = plain.get("chunk") is not None or plain.get("compress_every") is not None
+    if streaming and plain.get("diagnostics"):
+        raise ValueError(
+            "diagnostics=true measures one compression of the whole prompt, which streaming "
+            "(chunk= or compress_every=) does not make; drop diagnostics=true or the streaming keys."
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Refuse a composed run config with one sentence, before any model loads or row is written.
 
@@ -329,6 +342,7 @@ def check_config(cfg: DictConfig) -> None:
             "decode_batch=true (batched), decode_batch=false (one by one) or decode_batch=null "
             "(batched on CUDA only)."
         )
+    check_streaming(plain)
     if not isinstance(plain.get("protocol"), str):
         raise ValueError(f"protocol={shown(plain.get('protocol'))} is not a protocol name.")
     check_protocol(plain["protocol"])

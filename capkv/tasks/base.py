@@ -158,6 +158,12 @@ class CappedTask:
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         return self.task.score(prediction, example)
 
+    @property
+    def evaluate(self) -> Callable[..., Any]:
+        """The task's own ``evaluate`` (a reading task, :func:`capkv.runner.example_row`);
+        AttributeError for a task that answers questions."""
+        return self.task.evaluate
+
 
 def capped(task: Task, max_examples: int | None) -> Task:
     """``task`` limited to ``max_examples`` examples per subtask (itself when None)."""
