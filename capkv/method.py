@@ -116,7 +116,10 @@ class EvictionMethod:
         n_target = budget.n_kept(prompt_length)
         if not self.evicts or n_target >= prompt_length:
             return None
-        n_kept = self.layer_budget(layer.layer_idx, layer.num_layers, prompt_length, n_target)
+        # A per-layer schedule (PyramidKV) follows the tokens read so far, the same in every
+        # layer: the prompt at the end of a prefill; in streaming mode each layer's cache
+        # length differs from it (and from the other layers').
+        n_kept = self.layer_budget(layer.layer_idx, layer.num_layers, layer.next_position, n_target)
         if n_kept >= prompt_length:
             return None
         n_first, n_last = self.protected(prompt_length)

@@ -4,8 +4,9 @@ Prefill-time eviction (:func:`capkv.engine.evict`) compresses once, after the wh
 the cache peaks at the full prompt and grows by one token per generated token. Inside
 :func:`streamed` every layer's cache is compressed back to the bound ``N`` after each chunk of
 ``C`` prompt tokens and every ``K`` generated tokens (``compress_every``), so no KV head ever
-holds more than ``N + max(C, K)`` tokens (PyramidKV's layers hold their own budgets, which
-average ``N``). A compression sees the layer's cache (the tokens kept so far, then the tokens
+holds more than ``N + max(C, K)`` tokens. PyramidKV's layers hold their own budgets, its
+schedule for the tokens read so far (which averages ``N``; the lowest layer keeps up to
+``2 (N - window) - (N - window) // beta + window``). A compression sees the layer's cache (the tokens kept so far, then the tokens
 read since the last compression) with the hidden states of the newest tokens
 (:class:`capkv.layer.LayerPrefill`), and the method's memory of earlier compressions
 (:meth:`capkv.method.EvictionMethod.remember`). Each method's policy in this setting:

@@ -103,6 +103,19 @@ BAD_INPUTS = [
         ["methods=[snapkv]", "method=snapkv", "method.allocation=model", "budgets=[64]"],
         "SnapKV scores are not comparable across layers",
     ),
+    ("chunk zero", ["chunk=0"], "chunk=0 is not positive"),
+    ("chunk not a number", ["chunk=abc"], "chunk='abc' is not a whole number"),
+    ("compress_every fraction", ["compress_every=1.5"], "compress_every=1.5 is not a whole"),
+    (
+        "diagnostics while streaming",
+        ["methods=[capkv]", "chunk=128", "diagnostics=true"],
+        "diagnostics=true measures one compression of the whole prompt",
+    ),
+    (
+        "head-adaptive allocation while streaming",
+        ["method=snapkv_adaptive", "chunk=128"],
+        "allocation=adaptive does not stream",
+    ),
     (
         "no per-head mask",
         ["methods=[capkv,capkv_model]", "model.attn_implementation=flash_attention_2"],
