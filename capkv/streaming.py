@@ -321,6 +321,9 @@ def streamed(
 
 def check_streamable(method: EvictionMethod) -> None:
     """Refuse a method that cannot compress a growing cache."""
+    refusal = getattr(method, "streaming_refusal", None)  # kvpress presses (capkv.interop)
+    if refusal:
+        raise ValueError(f"{refusal}; run it without chunk= and compress_every=.")
     if method.allocation != "uniform":
         raise ValueError(
             f"allocation={method.allocation} does not stream (each compression would pad heads "

@@ -3,6 +3,8 @@ method's online policy against a naive reference on the tiny model."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,8 @@ from baselines import H2O, Full, PyramidKV, RandomEviction, SnapKV, StreamingLLM
 from baselines.h2o import TALLY
 from capkv import CapKV, evict, greedy_generate
 from capkv.hooks import attention_layers, forward_hooks, hidden_states_of, run_with_cache
+from capkv.interop import KvpressMethod, kvpress_problem
+from capkv.interop.scorers import STREAMING_PRESSES, SUPPORTED_PRESSES
 from capkv.models import build_tiny_model
 from capkv.runner import prefill
 from capkv.streaming import StreamSettings, read_text, streamed
@@ -276,3 +280,29 @@ def test_bad_streaming_settings_are_refused_in_one_sentence(tiny):
     long_text = prompt_of(tiny, tiny.config.max_position_embeddings + 1)
     with pytest.raises(ValueError, match="positions stop at"):
         read_text(tiny, long_text, Full(), None, chunk=512)
+
+
+PROBLEM = kvpress_problem()
+requires_kvpress = pytest.mark.skipif(
+    PROBLEM is not None and os.environ.get("CAPKV_REQUIRE_KVPRESS") != "1",  # then: fail
+    reason=f"{PROBLEM}: make test runs this test in .venv-oracle",
+)
+
+
+@requires_kvpress
+@pytest.mark.parametrize("press", SUPPORTED_PRESSES)
+def test_kvpress_presses_stream_or_are_refused_up_front(press, tiny):
+    """A press that scores a growing cache streams within the bound; one that scores only a
+    whole prefill is refused before any forward, naming the presses that stream."""
+    method = KvpressMethod(press=press)
+    settings = StreamSettings(chunk=32, compress_every=16)
+    if press not in STREAMING_PRESSES:
+        with pytest.raises(ValueError, match=f"{press} scores only a whole prefill"):
+            stream_generate(tiny, method, prompt_of(tiny), settings, budget=BUDGET)
+        return
+    _, tokens, streamer, _ = stream_generate(
+        tiny, method, prompt_of(tiny), settings, new_tokens=20, budget=BUDGET
+    )
+    assert len(tokens) == 20
+    assert max(streamer.record.peak_per_layer) <= BUDGET + 32
+    assert streamer.record.kept_per_layer() == [BUDGET] * len(streamer.layers)

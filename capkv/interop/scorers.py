@@ -47,6 +47,19 @@ SUPPORTED_PRESSES = (
 )
 # Scorers whose score reads weights or statistics that kvpress downloads from the Hugging Face hub.
 HUB_PRESSES = ("ExpectedAttentionStatsPress", "KVzapPress", "QFilterPress")
+# Presses that score a growing cache from the queries of the tokens read since the last
+# compression (streaming mode; the others assert a prefill or a query window of 64 tokens).
+STREAMING_PRESSES = (
+    "CapPress",
+    "CURPress",
+    "ExpectedAttentionPress",
+    "KeyDiffPress",
+    "KnormPress",
+    "LagKVPress",
+    "RandomPress",
+    "StreamingLLMPress",
+    "TOVAPress",
+)
 NEEDS_ATTENTIONS = ("ObservedAttentionPress",)  # asserts the layer returned attention weights
 # Presses whose scores depend on the compression ratio (StreamingLLM's recent window, Compactor's
 # default blending): scored once per budget, not once per layer.
@@ -182,6 +195,17 @@ class KvpressMethod(EvictionMethod):
     def folder_name(self) -> str:
         """The method's name in results folders and tables, e.g. ``kvpress-tova``."""
         return f"kvpress-{short_name(self.press)}"
+
+    @property
+    def streaming_refusal(self) -> str | None:
+        """Why the press cannot compress a growing cache (:mod:`capkv.streaming`), or None."""
+        if self.press in STREAMING_PRESSES:
+            return None
+        return (
+            f"{self.press} scores only a whole prefill (its own check, a window of queries "
+            "longer than a chunk, or attention weights), so it does not stream; the presses that "
+            f"do: {', '.join(STREAMING_PRESSES)}"
+        )
 
     def score(self, layer: LayerPrefill) -> torch.Tensor:
         if self.press in NEEDS_ATTENTIONS and layer.attentions is None:
