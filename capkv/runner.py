@@ -77,21 +77,21 @@ def decode(
     max_new_tokens: int,
 ) -> str:
     """Greedy answer from a prefilled (compressed) cache, under ``protocol``."""
+    start, fed = decoding_start(prompt, protocol, last_logits)
     stops = stop_token_ids(model, tokenizer)
-    if protocol == "query_aware":
-        tokens = greedy_generate(
-            model, cache, prompt.length, max_new_tokens, stops, next_token_logits=last_logits
-        )
-    else:
-        tokens = greedy_generate(
-            model,
-            cache,
-            prompt.context_ids.shape[1],
-            max_new_tokens,
-            stops,
-            input_ids=prompt.question_ids,
-        )
+    tokens = greedy_generate(model, cache, start, max_new_tokens, stops, **fed)
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def decoding_start(
+    prompt: PromptIds, protocol: str, last_logits: torch.Tensor
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """Where decoding continues under ``protocol`` and what it starts from: after the whole
+    prompt from the prefill's last logits (``query_aware``), or after the context by feeding
+    the question (``context_only``); as keyword arguments of the greedy decoders."""
+    if protocol == "query_aware":
+        return prompt.length, {"next_token_logits": last_logits}
+    return prompt.context_ids.shape[1], {"input_ids": prompt.question_ids}
 
 
 def generate_one(

@@ -35,6 +35,7 @@ from capkv.runner import (
     Cell,
     check_protocol,
     decode,
+    decoding_start,
     prefill,
     prefill_ids,
     prepared_examples,
@@ -58,11 +59,9 @@ def measure(
     """Capacity fraction and attention error of every record (None without a probe)."""
     if probe is None:
         return None
-    if protocol == "query_aware":
-        fed, start = last_logits.argmax().view(1, 1), prompt.length
-    else:
-        fed, start = prompt.question_ids, prompt.context_ids.shape[1]
-    queries = decoding_queries(model, full_cache, fed, start)
+    start, fed = decoding_start(prompt, protocol, last_logits)
+    first = fed["input_ids"] if "input_ids" in fed else last_logits.argmax().view(1, 1)
+    queries = decoding_queries(model, full_cache, first, start)
     errors = attention_errors(model, full_cache, queries, records)
     return [
         {"capacity_fraction": probe.mean(i), "attention_error": errors[i]}
@@ -108,20 +107,9 @@ def decode_together(
     max_new_tokens: int,
 ) -> list[str]:
     """:func:`capkv.runner.decode` for several caches of one prompt, as one batch."""
+    start, fed = decoding_start(prompt, protocol, last_logits)
     stops = stop_token_ids(model, tokenizer)
-    if protocol == "query_aware":
-        generated = batched_greedy_generate(
-            model, caches, prompt.length, max_new_tokens, stops, next_token_logits=last_logits
-        )
-    else:
-        generated = batched_greedy_generate(
-            model,
-            caches,
-            prompt.context_ids.shape[1],
-            max_new_tokens,
-            stops,
-            input_ids=prompt.question_ids,
-        )
+    generated = batched_greedy_generate(model, caches, start, max_new_tokens, stops, **fed)
     return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in generated]
 
 
