@@ -17,7 +17,8 @@ from capkv.figures.tables import task_tables
 
 HOW_TO_RUN = (
     "produce results with `python run.py method=full` (the full-cache reference) and "
-    "`python run.py -m method=capkv,snapkv budget=128,512`, then `make figures`."
+    "`python run.py -m method=capkv,snapkv budget=128,512` (they go to outputs/results), then "
+    "`make tables figures RESULTS=outputs/results PLOTS=outputs/plots`."
 )
 
 
