@@ -252,7 +252,9 @@ class Streamer:
 
     def read(self, input_ids: torch.Tensor, cache: Cache, all_logits: bool) -> Iterator:
         """Yield each chunk's logits (chunk, vocab) (its last position's alone unless
-        ``all_logits``) after feeding it and compressing every layer."""
+        ``all_logits``) after feeding it and compressing every layer. Call it under
+        ``torch.inference_mode()`` (as :meth:`prefill` and :func:`read_text` do): a generator
+        does not inherit its caller's decorator."""
         prompt_length = input_ids.shape[1]
         if cache.get_seq_length() != 0:
             raise ValueError("Streaming reads a prompt into a new, empty DynamicCache.")
@@ -331,6 +333,7 @@ def check_streamable(method: EvictionMethod) -> None:
         )
 
 
+@torch.inference_mode()
 def read_text(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
