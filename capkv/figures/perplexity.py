@@ -95,6 +95,9 @@ def perplexity_figure(rows: pd.DataFrame, title: str) -> Figure:
         ax.grid(alpha=0.3, which="both")
         handles, labels = ax.get_legend_handles_labels()
         legend.update(zip(labels, handles, strict=True))
+    shared = (rows["low"].min() / 1.05, rows["high"].max() * 1.05)  # one scale for every panel
+    for ax in axes.ravel()[: len(panels)]:
+        ax.set_ylim(*shared)
     for ax in axes.ravel()[len(panels) :]:
         ax.set_axis_off()
     height = figure.get_figheight()
