@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel
 
 from capkv.budget import Budget
@@ -131,5 +132,6 @@ class PerplexityTask:
                 "generates nothing; drop compress_every (chunk= sets how the text is read)."
             )
         ids = tokenize_prompt(tokenizer, example).context_ids  # the text; no question
-        nll, record = read_text(model, ids, method, budget, stream.chunk or DEFAULT_CHUNK)
+        with torch.inference_mode():  # no autograd graph through the chunks
+            nll, record = read_text(model, ids, method, budget, stream.chunk or DEFAULT_CHUNK)
         return text_fields(nll.tolist(), self.bucket), record
