@@ -43,6 +43,8 @@ def draw_lines(ax: Axes, rows: pd.DataFrame) -> None:
         style = method_style(method, variant)
         if is_full(method):
             style |= {"linestyle": "--", "marker": None}
+        if len(points) == 1 and not style["marker"]:  # a text of one bucket: no line to draw
+            style |= {"marker": "_", "markersize": 16}
         ax.plot(middle, points["perplexity"], **style)
         ax.fill_between(
             middle,
