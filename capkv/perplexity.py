@@ -62,7 +62,8 @@ def text_fields(nll: Sequence[float], bucket: int) -> dict[str, Any]:
         the first token, has nothing before it to be predicted from).
     bucket : int
         Positions per bucket: bucket ``k`` scores the tokens at positions ``k * bucket`` to
-        ``(k + 1) * bucket - 1``.
+        ``(k + 1) * bucket - 1`` (with ``bucket=1``, position 0's bucket scores nothing and is
+        left out).
 
     Returns
     -------
@@ -73,7 +74,7 @@ def text_fields(nll: Sequence[float], bucket: int) -> dict[str, Any]:
     """
     values = [float(value) for value in nll]
     length = len(values) + 1
-    starts = list(range(0, length, bucket))
+    starts = [start for start in range(0, length, bucket) if start + bucket > 1]  # scores a token
     ends = [min(start + bucket, length) for start in starts]
     sums = [
         math.fsum(values[max(start, 1) - 1 : end - 1])
