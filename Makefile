@@ -12,7 +12,7 @@ ORACLE_VENV := .venv-oracle
 ORACLE_TRANSFORMERS := transformers==4.56.2
 
 .PHONY: setup test lint format run figures tables reproduce reproduce-allocation \
-	reproduce-leaderboard bench clean
+	reproduce-leaderboard reproduce-streaming bench clean
 
 setup: $(VENV)/.installed
 
@@ -71,6 +71,12 @@ reproduce-allocation: $(VENV)/.installed
 	$(BIN)/python run.py experiment=allocation_needle
 	$(BIN)/python run.py experiment=allocation_ruler
 	$(BIN)/python -m capkv.figures.allocation
+	$(MAKE) tables figures
+
+# Eviction while the cache grows: long-text perplexity under a bounded cache, every method at
+# 256, 512 and 1024 tokens read 512 per forward, into results/ (perplexity.csv|md and its figure).
+reproduce-streaming: $(VENV)/.installed
+	$(BIN)/python run.py experiment=perplexity
 	$(MAKE) tables figures
 
 # Every kvpress scorer press beside our methods. kvpress needs transformers<5.3, so the runs use

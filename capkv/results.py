@@ -240,6 +240,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"n_examples": len(rows), "scores": overall, "subtasks": subtasks}
 
 
+def summary(rows: list[dict[str, Any]], reporting: Reporting | None) -> dict[str, Any]:
+    """The scores ``metrics.json`` holds: means x 100 (:func:`summarize`), or for a task scored
+    by perplexity, perplexities pooled over its texts (:func:`capkv.perplexity.summarize`)."""
+    from capkv import perplexity  # it reads run folders with this module's functions
+
+    if reporting is not None and reporting.benchmark == perplexity.BENCHMARK:
+        return perplexity.summarize(rows)
+    return summarize(rows)
+
+
 def write_metrics(
     run_dir: Path,
     identity: dict[str, Any],
@@ -259,7 +269,7 @@ def write_metrics(
     metrics = {
         **identity,
         **(reporting.fields() if reporting is not None else {}),
-        **summarize(rows),
+        **summary(rows, reporting),
         "mean_prompt_tokens": sum(prompt) / len(prompt) if prompt else math.nan,
         "mean_kept_tokens": sum(kept) / len(kept) if kept else math.nan,
         "diagnostics": {
@@ -601,32 +611,47 @@ def incomplete_cells(runs: dict[Path, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def ranked_runs(runs: dict[Path, dict[str, Any]]) -> dict[Path, dict[str, Any]]:
+    """The runs whose scores are in [0, 1], higher is better: every run but those scored by
+    perplexity (lower is better, unbounded), which have a table of their own
+    (:func:`capkv.perplexity.perplexity_table`) instead of the main table, its average, the
+    intervals and the paired comparisons."""
+    from capkv import perplexity
+
+    return {path: m for path, m in runs.items() if not perplexity.is_perplexity(m)}
+
+
 def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Write ``scores.csv/.md`` (every run), ``main_table.csv/.md`` (method x budget, headline
-    score per task and task family) and ``needle.csv`` under ``results_dir``; return the
-    frames.
+    score per task and task family), ``needle.csv`` and ``perplexity.csv/.md`` under
+    ``results_dir``; return the frames.
 
     The tables are a function of the run folders alone. One process rebuilds them at a time (a
     lock in the results folder), so concurrent runs never drop each other's cells; a cell
     holding fewer examples than it runs is named in a warning and under the Markdown tables.
     """
-    from capkv import comparisons  # it reads run folders with this module's functions
+    from capkv import comparisons, perplexity  # they read run folders with this module's functions
 
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     with locked(results_dir / TABLES_LOCK):
         runs = load_metrics(results_dir)
+        ranked = ranked_runs(runs)
         scores = score_table(runs)
-        intervals = comparisons.interval_table(runs)
+        intervals = comparisons.interval_table(ranked)
         table = main_table(
-            scores, task_reportings(runs), intervals, comparisons.average_table(runs)
+            score_table(ranked),
+            task_reportings(ranked),
+            intervals,
+            comparisons.average_table(ranked),
         )
         frames = {
             "scores": scores,
             "main_table": table,
             "needle": needle_table(runs),
             "intervals": intervals,
-            "paired": comparisons.paired_table(runs),
+            "paired": comparisons.paired_table(ranked),
+            "perplexity": perplexity.perplexity_table(runs),
         }
         incomplete = incomplete_cells(runs)
         note = "".join(f"\nIncomplete: {line}.\n" for line in incomplete)
@@ -634,6 +659,7 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
             "scores": markdown(scores),
             "main_table": main_table_markdown(table),
             "paired": comparisons.paired_markdown(frames["paired"]),
+            "perplexity": perplexity.perplexity_markdown(frames["perplexity"]),
         }
         for name, frame in frames.items():
             write_atomically(results_dir / f"{name}.csv", frame.to_csv(index=False))
@@ -654,7 +680,7 @@ def main(argv: list[str] | None = None) -> None:
     frames = aggregate(args.results)
     print(f"{len(frames['scores'])} score rows from the runs under {args.results}/; wrote:")
     for name in frames:
-        markdown_too = name in ("scores", "main_table", "paired")
+        markdown_too = name in ("scores", "main_table", "paired", "perplexity")
         print(f"  {Path(args.results, name)}.csv" + (" and .md" if markdown_too else ""))
 
 

@@ -128,6 +128,15 @@ def max_prompt_tokens(model: PreTrainedModel, tokenizer: Any) -> int:
     return prompt_limit(window, MAX_NEW_TOKENS_CAP, prompt_overhead(tokenizer))
 
 
+def text_limit(model: PreTrainedModel, tokenizer: Any, task: Task) -> int:
+    """The limit a task's examples receive: for a reading task (one with ``evaluate``, whose
+    text is read alone, with no template and no answer) every position of the model, else
+    :func:`max_prompt_tokens`."""
+    if getattr(task, "evaluate", None) is not None:
+        return model.config.max_position_embeddings
+    return max_prompt_tokens(model, tokenizer)
+
+
 def check_fits(model: PreTrainedModel, example: Example, prompt: PromptIds) -> None:
     """Raise when a tokenised prompt leaves too few of the model's positions for its answer."""
     window = model.config.max_position_embeddings
@@ -155,7 +164,7 @@ def prepared_examples(
 ) -> ExamplePlan:
     """The examples of ``task`` in ``shard`` with their token ids, all checked to fit before any
     is run."""
-    examples = list(task.examples(tokenizer, max_prompt_tokens(model, tokenizer)))
+    examples = list(task.examples(tokenizer, text_limit(model, tokenizer, task)))
     prepared = []
     for example in select_shard(examples, shard):
         prompt = tokenize_prompt(tokenizer, example)

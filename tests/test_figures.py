@@ -13,6 +13,7 @@ from capkv import Budget
 from capkv.figures.cli import main
 from capkv.figures.heatmaps import fitted_title
 from capkv.figures.style import budget_display, budget_sort_key, safe_name
+from capkv.perplexity import text_fields
 from capkv.results import (
     EXAMPLES,
     ExampleLog,
@@ -21,7 +22,7 @@ from capkv.results import (
     run_identity,
     write_metrics,
 )
-from capkv.tasks.base import task_reporting
+from capkv.tasks.base import Reporting, task_reporting
 
 MODEL = "org/tiny-0.5b"  # a slash and a dot: file names must be path-safe and whole
 PROTOCOL = "query_aware"
@@ -237,3 +238,44 @@ def test_a_title_too_wide_for_its_figure_breaks_after_its_colon() -> None:
         "Needle in a haystack, graded score (0-1):\nsmollm2-135m · needle · query_aware"
     )
     assert fitted_title("no colon " * 20, width=2.0) == "no colon " * 20
+
+
+def write_perplexity_run(results: Path, method: str, budget: str, shift: float) -> None:
+    """A perplexity run of two 8-token texts in buckets of 4 positions, as the runner writes it."""
+    identity = run_identity(MODEL, "perplexity", method, "chunk4", BUDGETS[budget], PROTOCOL)
+    run_dir = identity_directory(results, identity)
+    rows = [
+        {
+            **row(f"essay{i}-8", None, {}, {}),
+            **text_fields([2 + i / 10 + p / 50 + shift for p in range(1, 8)], bucket=4),
+            "peak_tokens_per_layer": [8, 8],
+        }
+        for i in range(2)
+    ]
+    log = ExampleLog(run_dir / EXAMPLES, [])
+    for example in rows:
+        log.append(example)
+    log.close()
+    write_metrics(run_dir, identity, rows, reporting=Reporting("perplexity", "perplexity"))
+
+
+def test_perplexity_against_position_is_drawn_from_its_table_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results, plots = tmp_path / "results", tmp_path / "plots"
+    for method, budget, shift in [("full", "full", 0), ("capkv", "budget64", 0.1)]:
+        write_perplexity_run(results, method, budget, shift)
+    write_perplexity_run(results, "snapkv", "budget64", 0.3)
+    write_perplexity_run(results, "snapkv", "budget128", 0.2)
+    aggregate(results)
+    arguments = ["--results", str(results), "--plots", str(plots)]
+    main(arguments)
+    stem = plots / safe_name(MODEL, "perplexity", PROTOCOL, "perplexity_by_position")
+    assert stem.with_name(stem.name + ".png").stat().st_size > 0
+    assert str(stem.with_name(stem.name + ".pdf")) in capsys.readouterr().out
+    assert not list(plots.glob("*_vs_tokens.*"))  # perplexity is not a 0-100 score
+    (results / "perplexity.csv").unlink()
+    with pytest.raises(SystemExit):
+        main(arguments)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "perplexity.csv is missing" in line and "`make tables`" in line

@@ -3,6 +3,7 @@ score with its interval, and paired comparisons, rebuilt from the run folders al
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from capkv import Budget
+from capkv.perplexity import text_fields
 from capkv.results import (
     CONFIG,
     EXAMPLES,
@@ -193,3 +195,62 @@ def test_tables_are_a_function_of_the_run_folders_alone(tables: Path, tmp_path: 
     shutil.copytree(tables / "runs", copy / "runs")
     aggregate(copy)
     assert {name: (copy / name).read_text() for name in names} == before
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def write_perplexity_run(results: Path, method: str, budget: Budget | None, shift: float) -> None:
+    """A perplexity run of three 9-token texts (buckets of 4 positions) as the runner writes it:
+    text ``i``'s token ``p`` has NLL ``1 + i / 10 + p / 100 + shift``."""
+    identity = run_identity("tiny", "perplexity", method, "chunk4", budget, "query_aware")
+    rows = []
+    for i in range(3):
+        nll = [1 + i / 10 + p / 100 + shift for p in range(1, 9)]
+        fields = text_fields(nll, bucket=4)
+        rows.append(
+            {
+                "example_id": f"essay{i}-9",
+                "subtask": None,
+                "prompt_tokens": 9,
+                "kept_tokens_per_layer": [4, 4],
+                "peak_tokens_per_layer": [8, 8 if budget is not None else 9],
+                **fields,
+            }
+        )
+    run_dir = identity_directory(results, identity)
+    log = ExampleLog(run_dir / EXAMPLES, [])
+    for row in rows:
+        log.append(row)
+    log.close()
+    write_metrics(run_dir, identity, rows, reporting=Reporting("perplexity", "perplexity"))
+
+
+def test_perplexity_gets_its_own_table_and_stays_out_of_the_0_100_tables(tmp_path: Path) -> None:
+    plain, mixed = tmp_path / "plain", tmp_path / "mixed"
+    for results in (plain, mixed):
+        write_ruler_run(results, "capkv", Budget(ratio=0.5), [0.5] * 20)
+        write_ruler_run(results, "full", None, [0.7] * 20)
+    write_perplexity_run(mixed, "full", None, 0.0)
+    write_perplexity_run(mixed, "capkv", Budget(tokens=4), math.log(2))
+    aggregate(plain)
+    aggregate(mixed)
+    for name in ("main_table.csv", "main_table.md", "intervals.csv", "paired.csv"):
+        assert (mixed / name).read_text() == (plain / name).read_text(), name
+    metrics = json.loads(next((mixed / RUNS).rglob("full*/full/*/" + METRICS)).read_text())
+    full_nll = [1 + i / 10 + p / 100 for i in range(3) for p in range(1, 9)]
+    assert metrics["scores"]["perplexity"] == pytest.approx(math.exp(np.mean(full_nll)))
+    table = pd.read_csv(mixed / "perplexity.csv")
+    assert list(table["positions"][:3]) == ["all", "0-4", "4-8"]
+    assert list(table["tokens"][:4]) == [24, 9, 12, 3]  # position 0 is not scored
+    whole = table[table["positions"] == "all"].set_index("method")
+    assert whole.loc["full", "perplexity"] == pytest.approx(metrics["scores"]["perplexity"])
+    assert whole.loc["full", "low"] < whole.loc["full", "perplexity"] < whole.loc["full", "high"]
+    capkv = whole.loc["capkv"]  # every token's NLL up by log 2: twice the perplexity
+    assert capkv["ratio_to_full"] == pytest.approx(2.0)
+    assert (capkv["ratio_low"], capkv["ratio_high"]) == pytest.approx((2.0, 2.0))
+    assert capkv["full_perplexity"] == pytest.approx(whole.loc["full", "perplexity"])
+    assert (capkv["peak_tokens"], whole.loc["full", "peak_tokens"]) == (8, 9)
+    text = (mixed / "perplexity.md").read_text()
+    assert "lower is better" in text and "| capkv-chunk4 | budget4 | 3 | 8 |" in text
+    assert "(no perplexity runs yet)" in (plain / "perplexity.md").read_text()

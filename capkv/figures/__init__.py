@@ -6,6 +6,7 @@ from the tables :mod:`capkv.figures.data` reads and styled by :mod:`capkv.figure
 - :mod:`~capkv.figures.heatmaps`: needle heatmaps (context length x depth), per run and as grids;
 - :mod:`~capkv.figures.curves`: score against budget, one panel per task family;
 - :mod:`~capkv.figures.capacity`: score against retained capacity and attention error;
+- :mod:`~capkv.figures.perplexity`: perplexity against position, one panel per budget;
 - :mod:`~capkv.figures.tables`: per-task tables (subtasks as columns);
 - :mod:`~capkv.figures.allocation`: CapKV's allocation per (layer, KV head) beside PyramidKV's
   schedule, from one prefill (``python -m capkv.figures.allocation``; it loads a model);

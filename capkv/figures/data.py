@@ -1,7 +1,8 @@
 """The tables figures are drawn from: read from a results folder, never written here.
 
-``make tables`` (:func:`capkv.results.aggregate`) builds ``scores.csv``, ``needle.csv`` and
-``intervals.csv`` (every headline with its bootstrap interval) from the run folders; drawing only reads them, after checking that they are what the run folders give
+``make tables`` (:func:`capkv.results.aggregate`) builds ``scores.csv``, ``needle.csv``,
+``intervals.csv`` (every headline with its bootstrap interval) and ``perplexity.csv`` from the
+run folders; drawing only reads them, after checking that they are what the run folders give
 now (a table older than a run's ``metrics.json`` stops the drawing with what to run).
 """
 
@@ -12,12 +13,14 @@ from pathlib import Path
 import pandas as pd
 
 from capkv.figures.style import is_full
+from capkv.perplexity import is_perplexity
 from capkv.results import IDENTITY_KEYS, RUN_KEYS, RUNS, load_metrics, score_table
 
 SCORES = "scores.csv"
 NEEDLE = "needle.csv"
 INTERVALS = "intervals.csv"
 TABLES = (SCORES, NEEDLE, INTERVALS)
+PERPLEXITY = "perplexity.csv"  # folders with perplexity runs (capkv.perplexity) only
 NEEDLE_COLUMNS = [*IDENTITY_KEYS, "context_length", "depth", "prompt_tokens"]
 
 
@@ -46,6 +49,11 @@ def check_fresh(results_dir: Path) -> None:
     if missing:
         raise ValueError(
             f"{results_dir / missing[0]} is missing; build the tables from the run folders with "
+            f"{rebuild_command(results_dir)}, then draw."
+        )
+    if any(is_perplexity(m) for m in runs.values()) and not (results_dir / PERPLEXITY).exists():
+        raise ValueError(
+            f"{results_dir / PERPLEXITY} is missing; build the tables from the run folders with "
             f"{rebuild_command(results_dir)}, then draw."
         )
     if (results_dir / SCORES).read_text(encoding="utf-8") != score_table(runs).to_csv(index=False):
@@ -91,6 +99,12 @@ def load_tables(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
     first."""
     check_fresh(results_dir)
     return tuple(read_csv(results_dir / name) for name in TABLES)
+
+
+def load_perplexity(results_dir: Path) -> pd.DataFrame:
+    """``perplexity.csv`` of ``results_dir`` (empty where no run reads perplexity); call after
+    :func:`load_tables`, which checks that it is there when it should be."""
+    return read_csv(results_dir / PERPLEXITY)
 
 
 def interval_of(

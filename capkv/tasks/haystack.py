@@ -62,6 +62,19 @@ def read_essays() -> str:
     return "\n\n".join(path.read_text(encoding="utf-8").strip() for path in essay_files())
 
 
+def essays_from(first: int, num_chars: int) -> str:
+    """The essays from the ``first`` of :func:`essay_files` on, wrapping round to the first, each
+    stripped and separated by a blank line as in :func:`read_essays`: as many as make at least
+    ``num_chars`` characters (every essay once when they make fewer)."""
+    files = essay_files()
+    texts: list[str] = []
+    for path in files[first:] + files[:first]:
+        texts.append(path.read_text(encoding="utf-8").strip())
+        if sum(map(len, texts)) >= num_chars:
+            break
+    return "\n\n".join(texts)
+
+
 @dataclass(frozen=True)
 class Haystack:
     """Token ids of a haystack and the token indices where a sentence may start.

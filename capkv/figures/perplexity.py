@@ -1,0 +1,127 @@
+"""Perplexity against position: ``<model>_<task>_<protocol>_perplexity_by_position``.
+
+From ``perplexity.csv`` (:func:`capkv.perplexity.perplexity_table`): one panel per budget, one
+line per method through the midpoints of the position buckets, each with its 95% bootstrap
+interval over the texts as a band; the full cache is a dashed black line in every panel. The
+y axis is logarithmic: eviction can multiply perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from capkv.figures.canvas import Job, new_figure, panel_grid
+from capkv.figures.data import for_protocol
+from capkv.figures.style import (
+    budget_display,
+    budget_sort_key,
+    is_full,
+    method_sort_key,
+    method_style,
+    safe_name,
+)
+from capkv.perplexity import WHOLE
+
+INTERVAL = "bands: 95% bootstrap intervals over the texts"
+
+
+def draw_lines(ax: Axes, rows: pd.DataFrame) -> None:
+    """One line per (method, variant) through its buckets' midpoints, with its band; the full
+    cache dashed."""
+    methods = rows[["method", "variant"]].drop_duplicates().itertuples(index=False, name=None)
+    for method, variant in sorted(methods, key=lambda pair: method_sort_key(*pair)):
+        points = rows[(rows["method"] == method) & (rows["variant"] == variant)]
+        points = points.sort_values("start")
+        middle = (points["start"] + points["end"]) / 2
+        style = method_style(method, variant)
+        if is_full(method):
+            style |= {"linestyle": "--", "marker": None}
+        if len(points) == 1 and not style["marker"]:  # a text of one bucket: no line to draw
+            style |= {"marker": "_", "markersize": 16}
+        ax.plot(middle, points["perplexity"], **style)
+        ax.fill_between(
+            middle,
+            points["low"],
+            points["high"],
+            color=style["color"],
+            alpha=0.2 if method == "capkv" else 0.1,
+            linewidth=0,
+            zorder=style["zorder"] - 1,
+        )
+
+
+def format_perplexity_axis(ax: Axes, rows: pd.DataFrame) -> None:
+    """A log axis labelled in plain numbers; its minor ticks labelled too when the values span
+    less than a decade (no power of 10 would be labelled otherwise)."""
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    narrow = rows["high"].max() < 10 * rows["low"].min()
+    ax.yaxis.set_minor_formatter(plain if narrow else NullFormatter())
+    ax.set_ylabel("perplexity (log scale; lower is better)")
+
+
+def perplexity_figure(rows: pd.DataFrame, title: str) -> Figure:
+    """Perplexity against position, one panel per budget (the full cache in each). A variant
+    every line shares (the chunk, e.g. ``chunk512``) goes in the title instead of the legend."""
+    variants = rows["variant"].unique()
+    if len(variants) == 1 and variants[0]:
+        title = f"{title}, {variants[0]}"
+        rows = rows.assign(variant="")
+    full = rows[rows["method"].map(is_full)]
+    evicting = rows[~rows["method"].map(is_full)]
+    budgets = evicting[["budget", "budget_tokens", "ratio"]].drop_duplicates()
+    budgets = sorted(budgets.itertuples(index=False), key=lambda b: budget_sort_key(*b[1:]))
+    panels = budgets or [None]
+    columns = min(3, len(panels))
+    lines = math.ceil(len(panels) / columns)
+    margins, gaps = (0.8, 2.2, 0.7, 1.0), (0.8, 0.9)
+    figure = new_figure(
+        3.0 + 3.6 * columns + 0.8 * (columns - 1), 1.7 + 2.8 * lines + 0.9 * (lines - 1)
+    )
+    axes = panel_grid(figure, (lines, columns), margins, gaps)
+    legend: dict[str, object] = {}
+    for ax, budget in zip(axes.ravel(), panels, strict=False):
+        shown = evicting[evicting["budget"] == budget.budget] if budget is not None else evicting
+        draw_lines(ax, pd.concat([full, shown]))
+        ax.set_title(budget_display(*budget[1:]) if budget is not None else "full cache")
+        format_perplexity_axis(ax, rows)
+        ax.set_xlabel("position in the text (tokens, bucket midpoint)")
+        ax.grid(alpha=0.3, which="both")
+        handles, labels = ax.get_legend_handles_labels()
+        legend.update(zip(labels, handles, strict=True))
+    shared = (rows["low"].min() / 1.05, rows["high"].max() * 1.05)  # one scale for every panel
+    for ax in axes.ravel()[: len(panels)]:
+        ax.set_ylim(*shared)
+    for ax in axes.ravel()[len(panels) :]:
+        ax.set_axis_off()
+    height = figure.get_figheight()
+    figure.legend(
+        legend.values(),
+        legend.keys(),
+        title="method",
+        loc="upper right",
+        bbox_to_anchor=(1, 1 - margins[3] / height),
+    )
+    figure.suptitle(f"{title}\n({INTERVAL})", y=1 - 0.12 / height, va="top", fontsize=11)
+    return figure
+
+
+def perplexity_jobs(table: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
+    """One perplexity-by-position figure per (model, task, protocol) of ``perplexity.csv``."""
+    if table.empty:
+        return
+    buckets = table[table["positions"] != WHOLE]
+    for (model, task), task_rows in buckets.groupby(["model", "task"]):
+        for protocol in sorted(task_rows["protocol"].unique()):
+            rows = for_protocol(task_rows, protocol)
+            title = f"Perplexity against position: {model} · {task} · {protocol}"
+            stem = plots_dir / safe_name(model, task, protocol, "perplexity_by_position")
+            yield stem, perplexity_figure, (rows, title)

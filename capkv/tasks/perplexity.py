@@ -1,0 +1,137 @@
+"""Long-text perplexity under a bounded cache: Paul Graham's essays read in chunks.
+
+StreamingLLM's language-modelling test (Xiao et al. 2023, arXiv 2309.17453, section 4.1): a
+long text is read a chunk at a time, every layer's cache compressed back to the bound after each
+chunk (:func:`capkv.streaming.read_text`), and every next token is scored from what the cache
+holds of the tokens before it. It needs no task data: the texts are the essays of the needle
+task (:mod:`capkv.tasks.haystack`), each starting at the first word of a different essay and
+running on through the following ones. Perplexity is lower-is-better and unbounded, so its runs
+get their own table and figure (:mod:`capkv.perplexity`, :mod:`capkv.figures.perplexity`).
+
+Tokens keep their original positions, so a text stops at the model's position limit (8192 for
+SmolLM2). The chunk is the run's ``chunk=`` key; without it, :data:`DEFAULT_CHUNK`. Nothing is
+generated, so ``compress_every`` does not apply and the protocol changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from capkv.budget import Budget
+from capkv.engine import CompressionRecord
+from capkv.method import EvictionMethod
+from capkv.perplexity import BENCHMARK, HEADLINE, text_fields
+from capkv.prompting import tokenize_prompt
+from capkv.streaming import StreamSettings, read_text
+from capkv.tasks.base import Example, Reporting
+from capkv.tasks.haystack import build_haystack, essay_files, essays_from
+
+DEFAULT_CHUNK = 512  # tokens per forward when the run gives no chunk=
+CHARS_PER_TOKEN = 8  # essay characters taken per token wanted: English runs about 4 per token
+
+
+@dataclass
+class PerplexityTask:
+    """Perplexity of ``num_texts`` essay texts of ``length`` tokens each, read under the bound.
+
+    Parameters
+    ----------
+    length : int, optional
+        Tokens per text, the first one included (it is read, not scored); None: the model's
+        position limit (``max_position_embeddings``).
+    num_texts : int
+        Texts read; text ``i`` starts at essay ``i * E // num_texts`` of the ``E`` essays (in file
+        order), so they start apart and overlap little. More texts narrow the interval.
+    bucket : int
+        Token positions per bucket of the per-position perplexity (the figure's x axis).
+    name : str
+        Results directory name.
+
+    Notes
+    -----
+    Each row holds one text's NLL sum and scored tokens (``T - 1`` of a ``T``-token text),
+    overall and per bucket, and its scores: ``perplexity`` (``exp`` of the mean NLL per token)
+    and ``perplexity <start>-<end>`` per bucket of positions (:func:`capkv.perplexity.text_fields`).
+    """
+
+    length: int | None = None
+    num_texts: int = 3
+    bucket: int = 1024
+    name: str = "perplexity"
+
+    def __post_init__(self) -> None:
+        if self.length is not None and self.length < 2:
+            raise ValueError(
+                f"task.length={self.length} leaves no token to score; pass at least 2 tokens, "
+                "or task.length=null for the model's position limit."
+            )
+        if self.num_texts < 1:
+            raise ValueError(f"task.num_texts={self.num_texts} reads nothing; pass at least 1.")
+        if self.bucket < 1:
+            raise ValueError(
+                f"task.bucket={self.bucket} is not a number of token positions; pass a positive "
+                "one, e.g. task.bucket=1024."
+            )
+
+    @classmethod
+    def reporting(cls, config: Mapping[str, Any]) -> Reporting:
+        """Perplexity, lower is better: the tables give it its own table."""
+        return Reporting(BENCHMARK, HEADLINE)
+
+    def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
+        """The texts, ``length`` tokens each as the runner tokenises them (special tokens such
+        as a BOS included); ``max_prompt_tokens`` is the model's position limit (a reading
+        task's, :func:`capkv.runner.text_limit`)."""
+        length = max_prompt_tokens if self.length is None else self.length
+        if length > max_prompt_tokens:
+            raise ValueError(
+                f"task.length={length} is longer than the model's {max_prompt_tokens} positions "
+                f"(tokens keep their positions); pass task.length={max_prompt_tokens} or less, "
+                "or task.length=null for the model's limit."
+            )
+        files = essay_files()
+        if self.num_texts > len(files):
+            raise ValueError(
+                f"task.num_texts={self.num_texts} is more than the {len(files)} essays a text "
+                f"can start at; pass task.num_texts={len(files)} or less."
+            )
+        special = len(tokenizer("", add_special_tokens=True)["input_ids"])
+        for i in range(self.num_texts):
+            first = i * len(files) // self.num_texts
+            source = essays_from(first, CHARS_PER_TOKEN * length)
+            ids = build_haystack(tokenizer, length - special, text=source).ids
+            yield Example(
+                example_id=f"{files[first].stem}-{length}",
+                context=tokenizer.decode(ids, clean_up_tokenization_spaces=False),
+                question="",
+                answers=[],
+                max_new_tokens=0,
+                use_chat_template=False,
+                metadata={"first_essay": files[first].stem, "length": length},
+            )
+
+    def evaluate(
+        self,
+        model: PreTrainedModel,
+        tokenizer: Any,
+        example: Example,
+        method: EvictionMethod,
+        budget: Budget | None,
+        stream: StreamSettings,
+    ) -> tuple[dict[str, Any], CompressionRecord]:
+        """Read one text in chunks of ``stream.chunk`` (else :data:`DEFAULT_CHUNK`) tokens under
+        the bound; its row fields (:func:`capkv.perplexity.text_fields`) and what was kept."""
+        if stream.compress_every is not None:
+            raise ValueError(
+                f"compress_every={stream.compress_every} bounds generation, and task=perplexity "
+                "generates nothing; drop compress_every (chunk= sets how the text is read)."
+            )
+        ids = tokenize_prompt(tokenizer, example).context_ids  # the text; no question
+        with torch.inference_mode():  # no autograd graph through the chunks
+            nll, record = read_text(model, ids, method, budget, stream.chunk or DEFAULT_CHUNK)
+        return text_fields(nll.tolist(), self.bucket), record
