@@ -307,6 +307,13 @@ def check_streaming(plain: dict[str, Any]) -> None:
     check_count("chunk", plain.get("chunk"), example=512)
     check_count("compress_every", plain.get("compress_every"), example=64)
     streaming = plain.get("chunk") is not None or plain.get("compress_every") is not None
+    reads = hasattr(get_class(plain["task"]["_target_"]), "evaluate")  # generates nothing
+    if reads and plain.get("compress_every") is not None:
+        raise ValueError(
+            f"compress_every={plain['compress_every']} bounds generation, and task="
+            f"{plain['task'].get('name', 'this task')} generates nothing; drop compress_every "
+            "(chunk= sets how the text is read)."
+        )
     if streaming and plain.get("diagnostics"):
         raise ValueError(
             "diagnostics=true measures one compression of the whole prompt, which streaming "
@@ -342,7 +349,6 @@ def check_config(cfg: DictConfig) -> None:
             "decode_batch=true (batched), decode_batch=false (one by one) or decode_batch=null "
             "(batched on CUDA only)."
         )
-    check_streaming(plain)
     if not isinstance(plain.get("protocol"), str):
         raise ValueError(f"protocol={shown(plain.get('protocol'))} is not a protocol name.")
     check_protocol(plain["protocol"])
@@ -356,6 +362,7 @@ def check_config(cfg: DictConfig) -> None:
     for prefix, node in method_nodes(plain):
         check_against_target(prefix, node)
     check_press_attention(plain)
+    check_streaming(plain)
     instantiate(cfg.model)  # the model config's own checks (dtype, attention implementation)
     check_device(plain["model"].get("device", "cpu"))
     check_results_dir(plain.get("results_dir"))

@@ -90,6 +90,11 @@ BAD_INPUTS = [
         "line 2 of {tmp}/string.jsonl: field 'answers' holds \"Ann\"",
     ),
     (
+        "generation bound on a reading task",
+        ["task=perplexity", "compress_every=64"],
+        "compress_every=64 bounds generation, and task=perplexity generates nothing",
+    ),
+    (
         "perplexity bucket zero",
         ["task=perplexity", "task.bucket=0"],
         "task.bucket=0 is not a number of token positions",

@@ -19,7 +19,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel
 
 from capkv.budget import Budget
@@ -132,6 +131,5 @@ class PerplexityTask:
                 "generates nothing; drop compress_every (chunk= sets how the text is read)."
             )
         ids = tokenize_prompt(tokenizer, example).context_ids  # the text; no question
-        with torch.inference_mode():  # no autograd graph through the chunks
-            nll, record = read_text(model, ids, method, budget, stream.chunk or DEFAULT_CHUNK)
+        nll, record = read_text(model, ids, method, budget, stream.chunk or DEFAULT_CHUNK)
         return text_fields(nll.tolist(), self.bucket), record
