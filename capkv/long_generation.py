@@ -98,13 +98,21 @@ class ContinuationPrompt:
 
 @dataclass
 class BoundedGeneration:
-    """A greedy continuation under a bound, what the cache held and how long it took."""
+    """A greedy continuation under a bound, what the cache held and how long it took.
+
+    Times are wall-clock seconds and the process's CPU seconds (which other processes on a
+    shared machine do not inflate; with one torch thread they equal the wall time of a quiet
+    machine) of the prefill and of the generation.
+    """
 
     tokens: list[int]
-    record: StreamRecord
+    record: StreamRecord  # what was kept, and the peak over the whole pass
+    prefill_peak_per_layer: list[int]  # the peak while the prompt was read
     final_per_layer: list[int]  # tokens per KV head in each layer's cache at the end
     prefill_seconds: float
     decode_seconds: float
+    prefill_cpu_seconds: float
+    decode_cpu_seconds: float
 
 
 def essay_prompts(tokenizer: Any, count: int, context_tokens: int) -> list[ContinuationPrompt]:
@@ -176,15 +184,24 @@ def generate_bounded(
         )
     cache = DynamicCache()
     with streamed(model, method, budget, settings=settings) as streamer:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         last_logits = streamer.prefill(input_ids, cache)
-        middle = time.perf_counter()
+        middle, middle_cpu = time.perf_counter(), time.process_time()
+        prefill_peak = list(streamer.record.peak_per_layer)
         tokens = greedy_generate(
             model, cache, input_ids.shape[1], new_tokens, (), next_token_logits=last_logits
         )
-        end = time.perf_counter()
-    final = [layer.keys.shape[2] for layer in cache.layers]
-    return BoundedGeneration(tokens, streamer.record, final, middle - start, end - middle)
+        end, end_cpu = time.perf_counter(), time.process_time()
+    return BoundedGeneration(
+        tokens=tokens,
+        record=streamer.record,
+        prefill_peak_per_layer=prefill_peak,
+        final_per_layer=[layer.keys.shape[2] for layer in cache.layers],
+        prefill_seconds=middle - start,
+        decode_seconds=end - middle,
+        prefill_cpu_seconds=middle_cpu - start_cpu,
+        decode_cpu_seconds=end_cpu - middle_cpu,
+    )
 
 
 def cell_id(prompt_id: str, method: str, budget: int | None) -> str:
