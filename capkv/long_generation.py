@@ -16,6 +16,7 @@ rebuilt from the rows alone. ``scripts/long_generation.py`` is the command line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -94,6 +95,11 @@ class ContinuationPrompt:
     essay: str
     request: str
     input_ids: torch.Tensor
+
+    @property
+    def digest(self) -> str:
+        """A short SHA-256 of the token ids: rows of a prompt made otherwise are told apart."""
+        return hashlib.sha256(json.dumps(self.input_ids[0].tolist()).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -240,19 +246,14 @@ def run_comparison(
     cache, ``methods["full"]``, once per prompt and first), appending each row as it finishes;
     return all rows.
 
-    A row made with other method settings (its ``method_settings``, the method's repr) than
-    ``methods`` holds now is refused, so a folder never mixes them.
+    A row made with other method settings or from other prompt tokens than now is refused
+    (:func:`check_rows`), so a folder never mixes them.
     """
     if FULL not in methods:
         raise ValueError("methods must include the full cache, the reference of every method.")
     check_settings(folder, settings)
     rows = read_rows(folder / ROWS)
-    for row in rows:
-        if row["method"] in methods and row["method_settings"] != repr(methods[row["method"]]):
-            raise ValueError(
-                f"{folder / ROWS} holds {row['method']} rows made with {row['method_settings']}, "
-                f"not {methods[row['method']]!r}; pass --results with another folder."
-            )
+    check_rows(rows, prompts, methods, folder / ROWS)
     done = {row["example_id"] for row in rows}
     cells = [
         (prompt, name, budget)
@@ -277,6 +278,7 @@ def run_comparison(
                 "prompt": prompt.prompt_id,
                 "essay": prompt.essay,
                 "request": prompt.request,
+                "prompt_digest": prompt.digest,
                 "method": name,
                 "method_settings": repr(methods[name]),
                 "budget_tokens": budget,
@@ -294,6 +296,29 @@ def run_comparison(
     finally:
         log.close()
     return rows
+
+
+def check_rows(
+    rows: list[dict[str, Any]],
+    prompts: list[ContinuationPrompt],
+    methods: dict[str, EvictionMethod],
+    path: Path,
+) -> None:
+    """Refuse rows of a method made with other settings (its repr) or of a prompt made from
+    other tokens (its digest) than ``methods`` and ``prompts`` hold now."""
+    digests = {prompt.prompt_id: prompt.digest for prompt in prompts}
+    for row in rows:
+        method = methods.get(row["method"])
+        if method is not None and row["method_settings"] != repr(method):
+            raise ValueError(
+                f"{path} holds {row['method']} rows made with {row['method_settings']}, not "
+                f"{method!r}; pass --results with another folder."
+            )
+        if digests.get(row["prompt"], row["prompt_digest"]) != row["prompt_digest"]:
+            raise ValueError(
+                f"{path} holds rows of prompt {row['prompt']} made from other tokens (another "
+                "tokenizer or request); pass --results with another folder."
+            )
 
 
 def comparison_table(rows: list[dict[str, Any]], settings: LongGenerationSettings) -> pd.DataFrame:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,9 @@ def test_the_comparison_runs_resumes_and_writes_its_tables_and_figure(tiny, tmp_
     with pytest.raises(ValueError, match="made with CapKV"):
         changed = {**methods, "capkv": CapKV(tau=1.0)}
         run_comparison(model, tokenizer, prompts, changed, [16], SETTINGS, tmp_path)
+    with pytest.raises(ValueError, match="prompt addiction-continue made from other tokens"):
+        shorter = [replace(prompts[0], input_ids=prompts[0].input_ids[:, 1:]), prompts[1]]
+        run_comparison(model, tokenizer, shorter, methods, [16], SETTINGS, tmp_path)
 
 
 # Streamer.fix_bound caps a token budget at the prompt's length (Budget.n_kept), so with
