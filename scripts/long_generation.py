@@ -14,9 +14,10 @@ figure ``<model>_long_generation.png`` under ``--plots``.
     .venv/bin/python scripts/long_generation.py --prompts 1 --new-tokens 32 \\
         --methods capkv --budgets 256 --results /tmp/lg --plots /tmp/lg   # a check in a minute
 
-With the defaults (2 prompts of about 1.5k tokens, 512 new tokens, 5 methods x 3 budgets and the
-full cache: 32 continuations) it takes about 30 minutes on one CPU thread of this project's
-machine (SmolLM2-135M generates about 10-15 tokens per second there).
+With the defaults (2 prompts of about 1.6k tokens, 512 new tokens, 5 methods x 3 budgets and the
+full cache: 32 continuations) it takes about 35 minutes on one CPU thread of this project's
+machine (about 70 s per continuation, measured while the machine was shared). ``--prompts 1``
+halves that; running the defaults afterwards resumes and adds the second prompt's cells.
 """
 
 from __future__ import annotations

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from capkv.figures.canvas import new_figure
 from capkv.figures.style import FULL, method_sort_key, method_style
 
 PANELS = {
-    "rouge_l": "ROUGE-L F1 to the full cache's text (tokens)",
-    "identical_tokens": "tokens identical before the first divergence",
+    "rouge_l": "ROUGE-L F1 to the full cache's text (on tokens)",
+    "identical_tokens": "tokens identical before the first divergence (symlog)",
 }
 
 
 def long_generation_figure(summary: pd.DataFrame, title: str) -> Figure:
     """One panel per measure (:data:`PANELS`), the mean over prompts against the budget, one
     line per method; the full cache (its own continuation: ROUGE-L 1, every token identical)
-    dashed."""
+    dashed. Identical tokens are drawn on a symmetric log scale (linear below 1), since they
+    range from none to every generated token."""
     figure = new_figure(5.2 * len(PANELS) + 1.4, 4.2)
     axes = figure.subplots(1, len(PANELS))
     full = summary[summary["method"] == FULL]
@@ -37,9 +39,11 @@ def long_generation_figure(summary: pd.DataFrame, title: str) -> Figure:
             ax.minorticks_off()
         ax.set_xlabel("budget (tokens per KV head)")
         ax.set_ylabel(label)
-        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(0, 1.05)
+    axes[1].set_yscale("symlog", linthresh=1)
+    axes[1].set_ylim(0, max(summary["identical_tokens"].max(), 1) * 1.6)
+    axes[1].yaxis.set_major_formatter(ScalarFormatter())
     axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.suptitle(title, fontsize=10)
     figure.subplots_adjust(left=0.07, right=0.86, bottom=0.14, top=0.86, wspace=0.25)
