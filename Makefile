@@ -38,7 +38,7 @@ $(ORACLE_VENV)/.installed: pyproject.toml Makefile
 # statistics) and the Triton kernel's interpreter tests (triton is installed in .venv only) run
 # once, in .venv.
 ONCE := cluster hostile_input results shards figures uncertainty experiments metrics h2o_kernel \
-	kvpress_input leaderboard
+	kvpress_input leaderboard continuations
 test: $(VENV)/.installed $(ORACLE_VENV)/.installed
 	CAPKV_REQUIRE_TRITON=1 $(BIN)/pytest
 	CAPKV_REQUIRE_KVPRESS=1 $(ORACLE_VENV)/bin/pytest $(ONCE:%=--ignore=tests/test_%.py)
@@ -54,6 +54,7 @@ format: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench_prefill.py
 	$(BIN)/python scripts/bench_sweep.py
+	$(BIN)/python scripts/bench_streaming.py
 
 run: $(VENV)/.installed
 	$(BIN)/python run.py
@@ -88,6 +89,10 @@ reproduce-leaderboard: $(VENV)/.installed $(ORACLE_VENV)/.installed
 		'methods=[kvpress-observedattention]' model.attn_implementation=eager
 	$(MAKE) tables figures RESULTS=$(LEADERBOARD) PLOTS=plots/kvpress_leaderboard
 	$(BIN)/python -m capkv.leaderboard $(LEADERBOARD) plots/kvpress_leaderboard
+
+# Streaming eviction: long generation under a bound against the full cache (resumable).
+reproduce-streaming: $(VENV)/.installed
+	$(BIN)/python scripts/long_generation.py
 
 # The tables and plots of the committed reference results (what `make reproduce` and the
 # experiments write). Your own runs go to outputs/results (config.yaml's results_dir):
