@@ -78,6 +78,7 @@ reproduce-allocation: $(VENV)/.installed
 # 256, 512 and 1024 tokens read 512 per forward, into results/ (perplexity.csv|md and its figure).
 reproduce-streaming: $(VENV)/.installed
 	$(BIN)/python run.py experiment=perplexity
+	$(BIN)/python scripts/long_generation.py
 	$(MAKE) tables figures
 
 # Every kvpress scorer press beside our methods. kvpress needs transformers<5.3, so the runs use
@@ -91,9 +92,6 @@ reproduce-leaderboard: $(VENV)/.installed $(ORACLE_VENV)/.installed
 	$(BIN)/python -m capkv.leaderboard $(LEADERBOARD) plots/kvpress_leaderboard
 
 # Streaming eviction: long generation under a bound against the full cache (resumable).
-reproduce-streaming: $(VENV)/.installed
-	$(BIN)/python scripts/long_generation.py
-
 # The tables and plots of the committed reference results (what `make reproduce` and the
 # experiments write). Your own runs go to outputs/results (config.yaml's results_dir):
 # `make tables RESULTS=outputs/results`.
