@@ -65,7 +65,9 @@ class SnapKV(EvictionMethod):
 
     def score(self, layer: LayerPrefill) -> torch.Tensor:
         prompt_length = layer.prompt_length
-        window = min(self.window, prompt_length)
+        if prompt_length <= self.window:  # all window (a streaming cache's first chunks)
+            return layer.keys.new_zeros(layer.keys.shape[:3], dtype=torch.float32)
+        window = self.window
         received = received_attention(layer, prompt_length - window, prompt_length)
         scores = received[..., : prompt_length - window] / window  # (B, H_kv, G, T - w)
         flat = scores.flatten(0, 2).unsqueeze(1)

@@ -197,6 +197,8 @@ class CapKV(EvictionMethod):
         return costs if alive is None else costs.masked_fill(~alive, float("-inf"))
 
     def score(self, layer: LayerPrefill) -> torch.Tensor:
+        if layer.prompt_length <= self.n_sink:  # all sinks (a streaming cache's first chunk)
+            return layer.keys.new_zeros(layer.keys.shape[:3], dtype=torch.float32)
         if self.allocation != "uniform":
             return self.removal_costs(layer)
         return F.pad(self.ridge_leverage(layer).mean(dim=2), (self.n_sink, 0))

@@ -112,14 +112,16 @@ class EvictionMethod:
 
     def kept_count(self, layer: LayerPrefill, budget: Budget) -> int | None:
         """Tokens this layer keeps under ``budget``, or None when it keeps the whole prompt."""
-        prompt_length = layer.prompt_length
-        n_target = budget.n_kept(prompt_length)
-        if not self.evicts or n_target >= prompt_length:
+        if not self.evicts:
             return None
-        # A per-layer schedule (PyramidKV) follows the tokens read so far, the same in every
-        # layer: the prompt at the end of a prefill; in streaming mode each layer's cache
-        # length differs from it (and from the other layers').
-        n_kept = self.layer_budget(layer.layer_idx, layer.num_layers, layer.next_position, n_target)
+        # The budget and a per-layer schedule (PyramidKV) follow the tokens read so far, the
+        # same in every layer: the prompt at the end of a prefill. In streaming mode a layer's
+        # cache is shorter than that (and differs from the other layers').
+        prompt_length, read = layer.prompt_length, layer.next_position
+        n_target = budget.n_kept(read)
+        if n_target >= read:  # everything read fits
+            return None
+        n_kept = self.layer_budget(layer.layer_idx, layer.num_layers, read, n_target)
         if n_kept >= prompt_length:
             return None
         n_first, n_last = self.protected(prompt_length)

@@ -172,9 +172,11 @@ class Streamer:
         return self.method.protected(prompt_length=10**9)[1] if self.evicts else 0
 
     def fix_bound(self, prompt_length: int) -> None:
-        """The bound in tokens per KV head: the budget, or the ratio of the prompt's length."""
+        """The bound in tokens per KV head: the budget's tokens (however long the text grows),
+        or the ratio's share of the prompt's length."""
         if self.evicts:
-            self.bound = Budget(tokens=self.budget.n_kept(prompt_length))
+            tokens = self.budget.tokens
+            self.bound = Budget(tokens=tokens or max(1, self.budget.n_kept(prompt_length)))
 
     def after_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Observe the tokens a forward appended to one layer; compress it when due."""

@@ -91,14 +91,7 @@ def test_the_comparison_runs_resumes_and_writes_its_tables_and_figure(tiny, tmp_
         run_comparison(model, tokenizer, shorter, methods, [16], SETTINGS, tmp_path)
 
 
-# Streamer.fix_bound caps a token budget at the prompt's length (Budget.n_kept), so with
-# compress_every a budget covering prompt and continuation still evicts while generating.
-CAPPED_AT_THE_PROMPT = pytest.mark.xfail(
-    strict=True, reason="the bound is capped at the prompt's length, not the text's"
-)
-
-
-@pytest.mark.parametrize("compress_every", [None, pytest.param(4, marks=CAPPED_AT_THE_PROMPT)])
+@pytest.mark.parametrize("compress_every", [None, 4])
 @pytest.mark.parametrize("method", [CapKV(), StreamingLLM()], ids=["capkv", "streamingllm"])
 def test_a_bound_as_long_as_the_text_continues_exactly_as_the_full_cache(
     tiny, method, compress_every

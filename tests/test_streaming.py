@@ -96,7 +96,7 @@ def test_a_bound_above_the_text_changes_nothing(name, tiny):
 
 
 @pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize(("chunk", "every"), [(32, 16), (20, 40)])
+@pytest.mark.parametrize(("chunk", "every"), [(32, 16), (20, 40), (3, 2)])
 def test_no_head_ever_holds_more_than_the_bound_plus_a_chunk(name, chunk, every, tiny):
     method, input_ids = METHODS[name], prompt_of(tiny)
     settings = StreamSettings(chunk=chunk, compress_every=every)
