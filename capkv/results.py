@@ -623,8 +623,8 @@ def ranked_runs(runs: dict[Path, dict[str, Any]]) -> dict[Path, dict[str, Any]]:
 
 def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Write ``scores.csv/.md`` (every run), ``main_table.csv/.md`` (method x budget, headline
-    score per task and task family), ``needle.csv`` and ``perplexity.csv/.md`` under
-    ``results_dir``; return the frames.
+    score per task and task family), ``needle.csv`` and, where perplexity runs are,
+    ``perplexity.csv/.md`` under ``results_dir``; return the frames.
 
     The tables are a function of the run folders alone. One process rebuilds them at a time (a
     lock in the results folder), so concurrent runs never drop each other's cells; a cell
@@ -662,6 +662,10 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
             "perplexity": perplexity.perplexity_markdown(frames["perplexity"]),
         }
         for name, frame in frames.items():
+            if name == "perplexity" and frame.empty:  # only folders with perplexity runs
+                for suffix in (".csv", ".md"):
+                    (results_dir / f"{name}{suffix}").unlink(missing_ok=True)
+                continue
             write_atomically(results_dir / f"{name}.csv", frame.to_csv(index=False))
             if name in texts:
                 write_atomically(results_dir / f"{name}.md", texts[name] + note)
@@ -679,7 +683,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {args.results} holds no runs folder; pass the results_dir of a run.")
     frames = aggregate(args.results)
     print(f"{len(frames['scores'])} score rows from the runs under {args.results}/; wrote:")
-    for name in frames:
+    for name, frame in frames.items():
+        if name == "perplexity" and frame.empty:
+            continue
         markdown_too = name in ("scores", "main_table", "paired", "perplexity")
         print(f"  {Path(args.results, name)}.csv" + (" and .md" if markdown_too else ""))
 

@@ -253,4 +253,4 @@ def test_perplexity_gets_its_own_table_and_stays_out_of_the_0_100_tables(tmp_pat
     assert (capkv["peak_tokens"], whole.loc["full", "peak_tokens"]) == (8, 9)
     text = (mixed / "perplexity.md").read_text()
     assert "lower is better" in text and "| capkv-chunk4 | budget4 | 3 | 8 |" in text
-    assert "(no perplexity runs yet)" in (plain / "perplexity.md").read_text()
+    assert not (plain / "perplexity.csv").exists() and not (plain / "perplexity.md").exists()
