@@ -49,7 +49,10 @@ def tokenize_prompt(tokenizer: Any, example: Example) -> PromptIds:
     templated = example.use_chat_template and getattr(tokenizer, "chat_template", None)
     context = tokenizer(before, add_special_tokens=not templated)["input_ids"]
     question = tokenizer(after, add_special_tokens=False)["input_ids"]
-    return PromptIds(torch.tensor([context]), torch.tensor([question]))
+    # token ids stay integers when a part is empty (a reading task has no question)
+    return PromptIds(
+        torch.tensor([context], dtype=torch.long), torch.tensor([question], dtype=torch.long)
+    )
 
 
 def prompt_overhead(tokenizer: Any) -> int:
