@@ -1,15 +1,16 @@
-"""Making and writing figures: a figure on the Agg canvas, a fixed grid of panels, and the
-rendering of many figures in parallel, each as PNG and PDF."""
+"""Making and writing figures: a figure on the Agg canvas, a fixed grid of panels, a shared
+legend and title, and the rendering of many figures in parallel, each as PNG and PDF."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -43,6 +44,24 @@ def panel_grid(
     box = {"left": left / width, "right": 1 - right / width}
     box |= {"bottom": bottom / height, "top": 1 - top / height}
     return figure.subplots(rows, columns, squeeze=False, gridspec_kw=box | spacing)
+
+
+def legend_and_title(figure: Figure, axes: Iterable[Axes], title: str, top: float) -> None:
+    """One legend of every line drawn in ``axes`` (each label once, in the order first drawn),
+    right-aligned below the figure's top margin of ``top`` inches, and ``title`` above it."""
+    legend: dict[str, object] = {}
+    for ax in axes:
+        handles, labels = ax.get_legend_handles_labels()
+        legend.update(zip(labels, handles, strict=True))
+    height = figure.get_figheight()
+    figure.legend(
+        legend.values(),
+        legend.keys(),
+        title="method",
+        loc="upper right",
+        bbox_to_anchor=(1, 1 - top / height),
+    )
+    figure.suptitle(title, y=1 - 0.12 / height, va="top", fontsize=11)
 
 
 def output(stem: Path, suffix: str) -> Path:

@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from capkv.figures.canvas import Job, new_figure, panel_grid
+from capkv.figures.canvas import Job, legend_and_title, new_figure, panel_grid
 from capkv.figures.data import for_protocol
 from capkv.figures.style import (
     AVERAGE,
@@ -105,7 +105,6 @@ def curve_figure(rows: pd.DataFrame, kind: str, metric: str, title: str) -> Figu
     )
     axes = panel_grid(figure, (lines, columns), margins, gaps).ravel()
     xs = list(rows.loc[rows["kind"] == kind, "x"])
-    legend: dict[str, object] = {}
     for ax, panel in zip(axes, panels, strict=False):
         draw_curves(ax, rows[rows["panel"] == panel])
         format_budget_axis(ax, xs, kind)
@@ -113,19 +112,9 @@ def curve_figure(rows: pd.DataFrame, kind: str, metric: str, title: str) -> Figu
         ax.set_ylabel(f"{metric} (0-100)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        legend.update(zip(labels, handles, strict=True))
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
-    height = figure.get_figheight()
-    figure.legend(
-        legend.values(),
-        legend.keys(),
-        title="method",
-        loc="upper right",
-        bbox_to_anchor=(1, 1 - margins[3] / height),
-    )
-    figure.suptitle(title, y=1 - 0.12 / height, va="top", fontsize=11)
+    legend_and_title(figure, axes, title, margins[3])
     return figure
 
 

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from capkv.figures.canvas import Job, new_figure, panel_grid
+from capkv.figures.canvas import Job, legend_and_title, new_figure, panel_grid
 from capkv.figures.data import for_protocol
 from capkv.figures.style import (
     budget_display,
@@ -87,7 +87,6 @@ def perplexity_figure(rows: pd.DataFrame, title: str) -> Figure:
         3.0 + 3.6 * columns + 0.8 * (columns - 1), 1.7 + 2.8 * lines + 0.9 * (lines - 1)
     )
     axes = panel_grid(figure, (lines, columns), margins, gaps)
-    legend: dict[str, object] = {}
     for ax, budget in zip(axes.ravel(), panels, strict=False):
         shown = evicting[evicting["budget"] == budget.budget] if budget is not None else evicting
         draw_lines(ax, pd.concat([full, shown]))
@@ -95,22 +94,12 @@ def perplexity_figure(rows: pd.DataFrame, title: str) -> Figure:
         format_perplexity_axis(ax, rows)
         ax.set_xlabel("position in the text (tokens, bucket midpoint)")
         ax.grid(alpha=0.3, which="both")
-        handles, labels = ax.get_legend_handles_labels()
-        legend.update(zip(labels, handles, strict=True))
     shared = (rows["low"].min() / 1.05, rows["high"].max() * 1.05)  # one scale for every panel
     for ax in axes.ravel()[: len(panels)]:
         ax.set_ylim(*shared)
     for ax in axes.ravel()[len(panels) :]:
         ax.set_axis_off()
-    height = figure.get_figheight()
-    figure.legend(
-        legend.values(),
-        legend.keys(),
-        title="method",
-        loc="upper right",
-        bbox_to_anchor=(1, 1 - margins[3] / height),
-    )
-    figure.suptitle(f"{title}\n({INTERVAL})", y=1 - 0.12 / height, va="top", fontsize=11)
+    legend_and_title(figure, axes.ravel(), f"{title}\n({INTERVAL})", margins[3])
     return figure
 
 
