@@ -34,7 +34,7 @@ from capkv.decoding import greedy_generate
 from capkv.figures.style import method_sort_key
 from capkv.method import EvictionMethod
 from capkv.results import ExampleLog, markdown, read_rows, write_atomically
-from capkv.streaming import StreamRecord, StreamSettings, streamed
+from capkv.streaming import StreamRecord, StreamSettings, check_positions, streamed
 from capkv.tasks.haystack import build_haystack, essay_files
 
 ROWS = "long_generation_rows.jsonl"
@@ -181,13 +181,7 @@ def generate_bounded(
 
     ``budget`` None for the full cache, which reads the prompt in the same chunks.
     """
-    limit = model.config.max_position_embeddings
-    if input_ids.shape[1] + new_tokens > limit:
-        raise ValueError(
-            f"{input_ids.shape[1]} prompt tokens and {new_tokens} new ones pass the model's "
-            f"position limit of {limit} (streaming keeps the original positions); use a "
-            "shorter prompt or fewer new tokens."
-        )
+    check_positions(model, input_ids.shape[1], new_tokens)
     cache = DynamicCache()
     with streamed(model, method, budget, settings=settings) as streamer:
         start, start_cpu = time.perf_counter(), time.process_time()

@@ -335,6 +335,20 @@ def check_streamable(method: EvictionMethod) -> None:
         )
 
 
+def check_positions(model: PreTrainedModel, prompt_tokens: int, new_tokens: int = 0) -> None:
+    """Refuse a text that would pass the model's position limit: streaming keeps every token's
+    original position, so a bounded cache does not let a model read further than it was trained
+    to."""
+    limit = model.config.max_position_embeddings
+    if prompt_tokens + new_tokens > limit:
+        generated = f" and {new_tokens} new ones" if new_tokens else ""
+        raise ValueError(
+            f"{prompt_tokens} tokens{generated} pass the model's position limit of {limit} "
+            "(streaming keeps the original positions): read a shorter text"
+            + (" or generate fewer tokens." if new_tokens else ".")
+        )
+
+
 @torch.inference_mode()
 def read_text(
     model: PreTrainedModel,
@@ -364,12 +378,7 @@ def read_text(
         (T - 1,) float32 NLL in nats of tokens ``1..T-1``, each given what the cache held of
         the tokens before it; and what the pass kept and its peak.
     """
-    limit = model.config.max_position_embeddings
-    if input_ids.shape[1] > limit:
-        raise ValueError(
-            f"The text has {input_ids.shape[1]} tokens but the model's positions stop at {limit} "
-            "(streaming keeps the original positions): read a shorter text."
-        )
+    check_positions(model, input_ids.shape[1])
     targets = input_ids[0, 1:].to(model.device)
     losses = []
     cache = DynamicCache()

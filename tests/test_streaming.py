@@ -278,7 +278,7 @@ def test_bad_streaming_settings_are_refused_in_one_sentence(tiny):
         with streamed(tiny, SnapKV(allocation="adaptive"), BUDGET):
             pass
     long_text = prompt_of(tiny, tiny.config.max_position_embeddings + 1)
-    with pytest.raises(ValueError, match="positions stop at"):
+    with pytest.raises(ValueError, match="position limit of"):
         read_text(tiny, long_text, Full(), None, chunk=512)
 
 
