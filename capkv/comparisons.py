@@ -7,8 +7,8 @@ sign-flip test):
 - ``intervals.csv``: per run, metric and level (``task``: the headline, the mean over subtasks;
   ``family``: a task family's subtasks; ``subtask``), the number of examples, the mean and its
   95% interval, examples resampled within their subtask (LongBench's dataset, RULER's subtask);
-- ``paired.csv|md``: every method against CapKV at the same budget and against the full cache,
-  per task, budget, metric and level, on the examples both ran: the mean difference (method
+- ``paired.csv|md``: every method against CapKV at the same budget and against the full cache
+  (a non-uniform allocation also against its own method's uniform budget), per task, budget, metric and level, on the examples both ran: the mean difference (method
   minus reference), its paired interval, the sign-flip p-value, and the examples won, lost and
   tied. A difference is ``better`` or ``worse`` when its interval excludes 0 and p < 0.05, else
   a ``tie``.
@@ -33,6 +33,7 @@ from capkv.results import (
     markdown,
     method_label,
     run_reporting,
+    stored_config,
     with_interval,
 )
 from capkv.uncertainty import (
@@ -44,6 +45,7 @@ from capkv.uncertainty import (
     mean_interval,
 )
 
+ALLOCATION_KEYS = ("allocation", "floor", "rounds")  # how a method spreads its budget
 CAPKV = "capkv"
 ALPHA = 0.05  # a difference is called better or worse only below this p-value
 FULL = "full"
@@ -170,15 +172,44 @@ def verdict(low: float, high: float, p_value: float) -> str:
     return "better" if low > 0 else "worse" if high < 0 else "tie"
 
 
+def allocation_free(run_dir: Path) -> tuple[str, bool] | None:
+    """A run's method section without its allocation keys (as sorted JSON-like text), and whether
+    its allocation is the uniform one; None for a folder without a config."""
+    config = stored_config(run_dir)
+    if config is None:
+        return None
+    method = config["method"]
+    uniform = method.get("allocation", "uniform") == "uniform" and method.get("rounds", 1) == 1
+    rest = {key: value for key, value in method.items() if key not in ALLOCATION_KEYS}
+    return repr(sorted(rest.items())), uniform
+
+
+def uniform_counterparts(runs: dict[Path, dict[str, Any]]) -> dict[Path, Path]:
+    """Each run with a non-uniform allocation (head-adaptive, model-wide or iterative; Ada-KV,
+    arXiv 2407.11550) -> the run of the same method, task, protocol and budget with a uniform
+    one, where the folder holds it."""
+    uniform, allocated = {}, {}
+    for path, m in runs.items():
+        method = allocation_free(path.parent)
+        if method is None:
+            continue
+        key = (m["model"], m["task"], m["protocol"], m["variant"], m["budget"], method[0])
+        (uniform if method[1] else allocated)[path] = key
+    by_key = {key: path for path, key in uniform.items()}
+    return {path: by_key[key] for path, key in allocated.items() if key in by_key}
+
+
 def reference_runs(
     runs: dict[Path, dict[str, Any]],
 ) -> Iterator[tuple[dict[str, Any], Path, dict[str, Any], Path]]:
-    """(run, its folder, reference run, its folder) pairs: every run against CapKV at its budget
-    and against the full cache (of its protocol, or of another where its own has none)."""
+    """(run, its folder, reference run, its folder) pairs: every run against CapKV at its budget,
+    against the full cache (of its protocol, or of another where its own has none) and, for a
+    non-uniform allocation of another method, against that method's uniform budget."""
     by_identity = {
         (m["model"], m["task"], m["protocol"], m["method"], m["variant"], m["budget"]): path
         for path, m in runs.items()
     }
+    counterparts = uniform_counterparts(runs)
     full_protocols = defaultdict(list)
     for m in runs.values():
         if m["method"] == FULL and not m["variant"]:
@@ -188,6 +219,9 @@ def reference_runs(
         capkv = by_identity.get((*key, CAPKV, "", m["budget"]))
         if capkv is not None and capkv != path:
             yield m, path, runs[capkv], capkv
+        uniform = counterparts.get(path)
+        if uniform is not None and uniform != capkv:
+            yield m, path, runs[uniform], uniform
         protocols = full_protocols.get((m["model"], m["task"]))
         if protocols and m["method"] != FULL:
             protocol = m["protocol"] if m["protocol"] in protocols else min(protocols)
@@ -196,8 +230,8 @@ def reference_runs(
 
 
 def paired_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
-    """Every run against CapKV and the full cache (:func:`reference_runs`), per metric and
-    level, on the examples both ran."""
+    """Every run against its references (:func:`reference_runs`), per metric and level, on the
+    examples both ran."""
     records = []
     cache: dict[Path, ExampleScores] = {}
     for m, path, reference, reference_path in reference_runs(runs):

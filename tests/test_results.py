@@ -254,3 +254,29 @@ def test_perplexity_gets_its_own_table_and_stays_out_of_the_0_100_tables(tmp_pat
     text = (mixed / "perplexity.md").read_text()
     assert "lower is better" in text and "| capkv-chunk4 | budget4 | 3 | 8 |" in text
     assert not (plain / "perplexity.csv").exists() and not (plain / "perplexity.md").exists()
+
+
+def test_a_non_uniform_allocation_is_also_paired_with_its_uniform_method(tmp_path) -> None:
+    """Ada-SnapKV is compared with SnapKV at its budget (besides CapKV and the full cache); a
+    method's uniform run is found by its config (same section but allocation, floor, rounds)."""
+    scores = list(np.random.default_rng(1).random(20))
+    sections = {
+        "capkv": {"_target_": "capkv.CapKV", "tau": 5.0, "allocation": "uniform"},
+        "capkv_iterative": {"_target_": "capkv.CapKV", "tau": 5.0, "rounds": 4},
+        "snapkv": {"_target_": "baselines.SnapKV", "window": 32, "allocation": "uniform"},
+        "snapkv_adaptive": {"_target_": "baselines.SnapKV", "window": 32, "floor": 0.1}
+        | {"allocation": "adaptive"},
+        "snapkv_wide": {"_target_": "baselines.SnapKV", "window": 64, "allocation": "adaptive"},
+    }
+    for method, section in sections.items():
+        write_ruler_run(tmp_path, method, Budget(ratio=0.5), scores)
+        identity = run_identity("tiny", "ruler", method, "", Budget(ratio=0.5), "query_aware")
+        config = {"model": {}, "method": section, "task": {}}
+        (identity_directory(tmp_path, identity) / CONFIG).write_text(yaml.safe_dump(config))
+    aggregate(tmp_path)
+    paired = pd.read_csv(tmp_path / "paired.csv")
+    references = paired[paired["level"] == "task"].groupby("method")["reference"].agg(set)
+    assert references["snapkv_adaptive"] == {"capkv", "snapkv"}
+    assert references["capkv_iterative"] == {"capkv"}  # its uniform method is CapKV: one pair
+    assert references["snapkv_wide"] == {"capkv"}  # another window: no uniform run of it
+    assert references["snapkv"] == {"capkv"}
