@@ -1,6 +1,7 @@
 """What a kept set retains, measured beside task scores (CapKV's objective and attention error).
 
-For every cell of a sweep and every layer:
+For every cell of a sweep and every layer (in streaming mode, every compression of every layer,
+capacity only):
 
 - **capacity fraction**: the log-det capacity ``1/2 logdet(I + sum_{i in C} w_i v_i v_i^T)`` of the
   kept set C over that of the whole prompt, with CapKV's relevance weights ``w`` (default
@@ -15,6 +16,7 @@ For every cell of a sweep and every layer:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -32,18 +34,20 @@ from capkv.hooks import (
     position_embeddings,
     run_with_cache,
 )
-from capkv.layer import LayerPrefill, apply_rope, project_queries
+from capkv.layer import LayerPrefill, StreamMemory, apply_rope, project_queries
 
 
 class CapacityProbe:
     """Accumulates each cell's retained capacity fraction, layer by layer, during a prefill.
 
-    Pass :meth:`on_layer` as the ``on_layer`` callback of :func:`capkv.engine.record_kept`.
+    Pass :meth:`on_layer` as the ``on_layer`` callback of :func:`capkv.engine.record_kept`; in
+    streaming mode :class:`capkv.streaming.Streamer` calls :meth:`on_compression` instead.
     """
 
     def __init__(self, n_cells: int, reference: CapKV | None = None) -> None:
         self.reference = reference or CapKV()
         self.fractions: list[list[float]] = [[] for _ in range(n_cells)]
+        self.anchors: dict[int, StreamMemory] = {}  # streaming: the query anchor's sums per layer
 
     def on_layer(self, state: LayerPrefill, kept: Sequence[torch.Tensor | None]) -> None:
         weights = self.reference.relevance_weights(state)  # (B, H_kv, G, T)
@@ -56,8 +60,22 @@ class CapacityProbe:
             indices = indices.unsqueeze(2).expand(-1, -1, weights.shape[2], -1)
             fractions.append(float((log_det_capacity(values, weights, indices) / full).mean()))
 
+    def on_compression(self, state: LayerPrefill, kept: torch.Tensor | None) -> None:
+        """Streaming (one cell): the fraction of the cache's capacity one compression keeps,
+        recorded when it evicts (``kept`` not None). The relevance weights use the reference's
+        own running query anchor over every token read (as a streaming CapKV's), whatever the
+        method evicting, so every method is measured against the same weights."""
+        layer_idx = state.module.layer_idx
+        probed = replace(state, memory=self.anchors.get(layer_idx))
+        if kept is not None:
+            self.on_layer(probed, [kept])
+        self.anchors[layer_idx] = self.reference.remember(probed, scores=None)
+
     def mean(self, cell: int) -> float:
-        return sum(self.fractions[cell]) / len(self.fractions[cell])
+        """The mean fraction over a cell's layers (and compressions); 1.0 when nothing was
+        evicted."""
+        fractions = self.fractions[cell]
+        return sum(fractions) / len(fractions) if fractions else 1.0
 
 
 @torch.inference_mode()

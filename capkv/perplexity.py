@@ -195,7 +195,7 @@ def against_full(ours: dict[str, float], full: dict[str, float]) -> dict[str, fl
 
 
 TABLE_COLUMNS = [*IDENTITY_KEYS, "positions", "start", "end", "texts", "tokens", "peak_tokens"]
-TABLE_COLUMNS += ["nll", "perplexity", "low", "high", *COMPARISON]
+TABLE_COLUMNS += ["capacity_fraction", "nll", "perplexity", "low", "high", *COMPARISON]
 
 
 def run_order(metrics: dict[str, Any]) -> tuple:
@@ -241,6 +241,9 @@ def perplexity_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
                     "texts": interval.n,
                     "tokens": tokens,
                     "peak_tokens": peak_tokens(rows[path]),
+                    "capacity_fraction": metrics.get("diagnostics", {}).get(
+                        "capacity_fraction", math.nan
+                    ),
                     "nll": interval.mean,
                     "perplexity": math.exp(interval.mean),
                     "low": math.exp(interval.low),
@@ -272,6 +275,9 @@ def perplexity_markdown(table: pd.DataFrame) -> str:
             "budget": whole["budget"],
             "texts": whole["texts"],
             "peak tokens": whole["peak_tokens"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}"),
+            "capacity kept": whole["capacity_fraction"].map(
+                lambda v: "" if pd.isna(v) else f"{v:.3f}"
+            ),
             "perplexity [95% CI]": [
                 bounded(*values)
                 for values in zip(whole["perplexity"], whole["low"], whole["high"], strict=True)
@@ -294,8 +300,10 @@ def perplexity_markdown(table: pd.DataFrame) -> str:
         f"the bound, pooled over the texts: mean [{100 * CONFIDENCE:g}% interval], a percentile "
         f"bootstrap over the texts ({RESAMPLES} resamples, seed {SEED}); x full cache: the ratio "
         "to the full cache's perplexity on the same texts with its paired interval, p: sign-flip "
-        "test of no difference; peak tokens: the most any KV head held at once; then the "
-        "perplexity of each range of token positions.\n\n"
+        "test of no difference; peak tokens: the most any KV head held at once; capacity kept: "
+        "the log-det capacity fraction each compression kept of the cache it compressed, CapKV's "
+        "objective (mean over compressions, layers and texts); then the perplexity of each range "
+        "of token positions.\n\n"
     )
     return caption + markdown(shown, digits=dict.fromkeys(labels, 2))
 

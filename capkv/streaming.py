@@ -39,6 +39,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 
 from capkv.budget import Budget
 from capkv.decoding import per_layer_masks
+from capkv.diagnostics import CapacityProbe
 from capkv.engine import CompressionRecord, gather_tokens, resolve_budget
 from capkv.hooks import (
     attention_layers,
@@ -151,8 +152,10 @@ class Streamer:
         method: EvictionMethod,
         budget: Budget | None,
         settings: StreamSettings,
+        probe: CapacityProbe | None = None,
     ) -> None:
         self.model = model
+        self.probe = probe
         self.method = method
         self.budget = budget
         self.settings = settings
@@ -225,6 +228,8 @@ class Streamer:
             scores = self.method.score(layer)
             memory = self.method.remember(layer, scores)
             kept = self.method.kept_indices(layer, self.bound, scores=scores)
+            if self.probe is not None:
+                self.probe.on_compression(layer, kept)
         if kept is not None:
             cache_layer.keys = gather_tokens(cache_layer.keys, kept)
             cache_layer.values = gather_tokens(cache_layer.values, kept)
@@ -289,6 +294,7 @@ def streamed(
     budget: Budget | int | None = None,
     ratio: float | None = None,
     settings: StreamSettings | None = None,
+    probe: CapacityProbe | None = None,
 ) -> Iterator[Streamer]:
     """Streaming eviction: read a prompt with :meth:`Streamer.prefill` and decode inside this
     context (:func:`capkv.decoding.greedy_generate`), the cache bounded throughout.
@@ -304,6 +310,9 @@ def streamed(
         prompt removed (fixed once the prompt's length is known).
     settings : StreamSettings
         Chunk of the prompt per forward and generated tokens between compressions.
+    probe : CapacityProbe, optional
+        Measures the capacity fraction every compression retains
+        (:meth:`capkv.diagnostics.CapacityProbe.on_compression`).
 
     Yields
     ------
@@ -313,7 +322,7 @@ def streamed(
     check_supported(model)
     check_streamable(method)
     resolved = resolve_budget(method, budget, ratio)
-    streamer = Streamer(model, method, resolved, settings or StreamSettings())
+    streamer = Streamer(model, method, resolved, settings or StreamSettings(), probe)
 
     def post(module: nn.Module, args: tuple, kwargs: dict, output):
         streamer.after_layer(module, args, kwargs)
@@ -356,6 +365,7 @@ def read_text(
     method: EvictionMethod,
     budget: Budget | None,
     chunk: int,
+    probe: CapacityProbe | None = None,
 ) -> tuple[torch.Tensor, StreamRecord]:
     """Negative log-likelihood of every next token of a text read in chunks under a bound.
 
@@ -371,6 +381,8 @@ def read_text(
         The bound (None for a method that does not evict); a ratio is of ``T``.
     chunk : int
         Tokens per forward; the cache is compressed after each.
+    probe : CapacityProbe, optional
+        Measures the capacity fraction every compression retains.
 
     Returns
     -------
@@ -382,7 +394,8 @@ def read_text(
     targets = input_ids[0, 1:].to(model.device)
     losses = []
     cache = DynamicCache()
-    with streamed(model, method, budget, settings=StreamSettings(chunk=chunk)) as streamer:
+    settings = StreamSettings(chunk=chunk)
+    with streamed(model, method, budget, settings=settings, probe=probe) as streamer:
         start = 0
         for logits in streamer.read(input_ids, cache, all_logits=True):
             end = start + logits.shape[0]

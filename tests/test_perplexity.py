@@ -93,6 +93,9 @@ def test_a_bounded_read_holds_at_most_budget_plus_chunk_tokens(tiny):
     )
     assert max(record.peak_per_layer) <= 32 + 16
     assert fields["scored_tokens"] == 129 and math.isfinite(fields["scores"]["perplexity"])
+    assert 0.0 < fields["diagnostics"]["capacity_fraction"] < 1.0  # evicted: some capacity lost
+    full, _ = task.evaluate(model, tokenizer, example, Full(), None, StreamSettings(chunk=16))
+    assert "diagnostics" not in full  # the full cache keeps everything: nothing to measure
 
 
 def test_compress_every_is_refused_in_one_sentence(tiny):

@@ -12,7 +12,8 @@ from transformers import DynamicCache
 
 from baselines import H2O, Full, PyramidKV, RandomEviction, SnapKV, StreamingLLM
 from baselines.h2o import TALLY
-from capkv import CapKV, evict, greedy_generate
+from capkv import Budget, CapKV, evict, greedy_generate
+from capkv.diagnostics import CapacityProbe
 from capkv.hooks import attention_layers, forward_hooks, hidden_states_of, run_with_cache
 from capkv.interop import KvpressMethod, kvpress_problem
 from capkv.interop.scorers import STREAMING_PRESSES, SUPPORTED_PRESSES
@@ -255,6 +256,28 @@ def test_capkv_anchor_is_the_mean_of_every_query_read(tiny):
         every = torch.cat(seen[layer_idx])[4:].float()  # every token read but the 4 sinks
         assert state.memory.totals["anchor_count"] == every.shape[0] == PROMPT + 12 - 4
         assert torch.allclose(state.memory.totals["anchor_sum"][0, 0], every.sum(dim=0), atol=1e-3)
+
+
+@pytest.mark.parametrize("method", [SnapKV(), CapKV()], ids=["snapkv", "capkv"])
+def test_capacity_probe_weighs_every_method_with_capkvs_running_anchor(method, tiny):
+    """The probe keeps its own running query anchor, the one a streaming CapKV keeps, whichever
+    method evicts; it records a fraction in (0, 1] per layer for every compression that evicts."""
+    input_ids = prompt_of(tiny, seed=3)
+    probe = CapacityProbe(n_cells=1)
+    nll, record = read_text(tiny, input_ids, method, Budget(tokens=BUDGET), chunk=32, probe=probe)
+    layers = len(record.peak_per_layer)
+    evicting = sum(1 for end in range(32, PROMPT + 1, 32) if end > BUDGET)  # caches past 48
+    assert len(probe.fractions[0]) == evicting * layers
+    assert all(0.0 < fraction <= 1.0 + 1e-6 for fraction in probe.fractions[0])
+    with streamed(tiny, CapKV(), Budget(tokens=BUDGET), settings=StreamSettings(chunk=32)) as own:
+        own.prefill(input_ids, DynamicCache())
+    # Another method's kept sets change the hidden states past the first layer: compare those
+    # layers only where CapKV itself evicted.
+    compared = own.layers if isinstance(method, CapKV) else own.layers[:1]
+    for layer_idx, state in enumerate(compared):
+        totals = probe.anchors[layer_idx].totals
+        assert totals["anchor_count"] == state.memory.totals["anchor_count"] == PROMPT - 4
+        assert torch.allclose(totals["anchor_sum"], state.memory.totals["anchor_sum"], atol=1e-4)
 
 
 def test_context_only_question_is_not_compressed_with_the_context(tiny):

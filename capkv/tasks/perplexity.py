@@ -8,6 +8,10 @@ task (:mod:`capkv.tasks.haystack`), each starting at the first word of a differe
 running on through the following ones. Perplexity is lower-is-better and unbounded, so its runs
 get their own table and figure (:mod:`capkv.perplexity`, :mod:`capkv.figures.perplexity`).
 
+Beside perplexity, each text's row records the log-det capacity fraction every compression
+kept of the cache it compressed (:meth:`capkv.diagnostics.CapacityProbe.on_compression`, averaged
+over compressions and layers): what CapKV's objective says of every method's kept sets.
+
 Tokens keep their original positions, so a text stops at the model's position limit (8192 for
 SmolLM2). The chunk is the run's ``chunk=`` key; without it, :data:`DEFAULT_CHUNK`. Nothing is
 generated, so ``compress_every`` does not apply and the protocol changes nothing.
@@ -22,6 +26,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from capkv.budget import Budget
+from capkv.diagnostics import CapacityProbe
 from capkv.engine import CompressionRecord
 from capkv.method import EvictionMethod
 from capkv.perplexity import BENCHMARK, HEADLINE, text_fields
@@ -131,5 +136,9 @@ class PerplexityTask:
                 "generates nothing; drop compress_every (chunk= sets how the text is read)."
             )
         ids = tokenize_prompt(tokenizer, example).context_ids  # the text; no question
-        nll, record = read_text(model, ids, method, budget, stream.chunk or DEFAULT_CHUNK)
-        return text_fields(nll.tolist(), self.bucket), record
+        probe = CapacityProbe(n_cells=1) if budget is not None and method.evicts else None
+        nll, record = read_text(model, ids, method, budget, stream.chunk or DEFAULT_CHUNK, probe)
+        fields = text_fields(nll.tolist(), self.bucket)
+        if probe is not None:  # what CapKV's objective says of the kept sets, beside perplexity
+            fields["diagnostics"] = {"capacity_fraction": probe.mean(0)}
+        return fields, record
