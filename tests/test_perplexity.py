@@ -175,6 +175,9 @@ def test_a_sweep_writes_the_perplexity_table_and_figure(tmp_path):
     assert whole.loc["full", "ratio_to_full"] == 1.0
     assert whole.loc["streamingllm", "peak_tokens"] <= 24 + 16
     assert whole.loc["streamingllm", "low"] <= whole.loc["streamingllm", "perplexity"]
+    assert 0 < whole.loc["streamingllm", "capacity_fraction"] < 1
+    assert math.isnan(whole.loc["full", "capacity_fraction"])
+    assert "capacity kept" in (results / "perplexity.md").read_text()
     assert list(table.loc[table["method"] == "full", "positions"]) == [
         "all",
         "0-32",
@@ -185,5 +188,7 @@ def test_a_sweep_writes_the_perplexity_table_and_figure(tmp_path):
     assert pd.read_csv(results / "paired.csv").empty
     plots = tmp_path / "plots"
     figures_main(["--results", str(results), "--plots", str(plots)])
-    stem = "tiny-random_perplexity_query_aware_perplexity_by_position"
-    assert (plots / f"{stem}.png").stat().st_size > 0 and (plots / f"{stem}.pdf").exists()
+    for name in ("perplexity_by_position", "perplexity_vs_capacity"):
+        stem = f"tiny-random_perplexity_query_aware_{name}"
+        assert (plots / f"{stem}.png").stat().st_size > 0 and (plots / f"{stem}.pdf").exists()
+    assert not list(plots.glob("*_perplexity_capacity.png"))  # not the 0-100 capacity figure

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from capkv.figures.canvas import Job, new_figure, panel_grid
 from capkv.figures.style import AVERAGE, method_sort_key, method_style, safe_name
+from capkv.perplexity import HEADLINE
 
 
 def capacity_figure(rows: pd.DataFrame, metric: str, title: str) -> Figure:
@@ -56,6 +57,9 @@ def capacity_jobs(scores: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
     if "capacity_fraction" not in scores:
         return
     measured = scores[(scores["subtask"] == AVERAGE) & scores["capacity_fraction"].notna()]
+    # Perplexity runs (streaming: capacity only, lower is better) have their own figure
+    # (:func:`capkv.figures.perplexity.capacity_figure`).
+    measured = measured[~measured["metric"].str.startswith(HEADLINE)]
     for (model, task, protocol, metric), rows in measured.groupby(
         ["model", "task", "protocol", "metric"]
     ):

@@ -1,9 +1,12 @@
-"""Perplexity against position: ``<model>_<task>_<protocol>_perplexity_by_position``.
+"""Perplexity against position (``<model>_<task>_<protocol>_perplexity_by_position``) and
+against the capacity the compressions kept (``..._perplexity_vs_capacity``).
 
 From ``perplexity.csv`` (:func:`capkv.perplexity.perplexity_table`): one panel per budget, one
 line per method through the midpoints of the position buckets, each with its 95% bootstrap
 interval over the texts as a band; the full cache is a dashed black line in every panel. The
-y axis is logarithmic: eviction can multiply perplexity.
+y axis is logarithmic: eviction can multiply perplexity. The second figure puts each run's
+perplexity ratio to the full cache beside CapKV's objective, the log-det capacity fraction each
+compression kept.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from capkv.figures.style import (
 )
 from capkv.perplexity import WHOLE
 
-INTERVAL = "bands: 95% bootstrap intervals over the texts"
+INTERVALS = "95% bootstrap intervals over the texts"
 
 
 def draw_lines(ax: Axes, rows: pd.DataFrame) -> None:
@@ -99,12 +102,54 @@ def perplexity_figure(rows: pd.DataFrame, title: str) -> Figure:
         ax.set_ylim(*shared)
     for ax in axes.ravel()[len(panels) :]:
         ax.set_axis_off()
-    legend_and_title(figure, axes.ravel(), f"{title}\n({INTERVAL})", margins[3])
+    legend_and_title(figure, axes.ravel(), f"{title}\n(bands: {INTERVALS})", margins[3])
+    return figure
+
+
+def capacity_figure(rows: pd.DataFrame, title: str) -> Figure:
+    """The whole text's perplexity, as a ratio to the full cache's (with its paired interval),
+    against the capacity fraction the compressions kept: one point per (method, budget), each
+    labelled with its budget."""
+    figure = new_figure(8.6, 4.6)
+    (ax,) = panel_grid(figure, (1, 1), (0.8, 2.2, 0.7, 0.9), (0.0, 0.0)).ravel()
+    methods = rows[["method", "variant"]].drop_duplicates().itertuples(index=False, name=None)
+    for method, variant in sorted(methods, key=lambda pair: method_sort_key(*pair)):
+        points = rows[(rows["method"] == method) & (rows["variant"] == variant)]
+        points = points.sort_values("budget_tokens")
+        style = method_style(method, variant)
+        below = points["ratio_to_full"] - points["ratio_low"]
+        above = points["ratio_high"] - points["ratio_to_full"]
+        ax.errorbar(
+            points["capacity_fraction"],
+            points["ratio_to_full"],
+            yerr=[below, above],
+            color=style["color"],
+            marker=style["marker"] or "o",
+            linestyle=style["linestyle"],
+            label=style["label"],
+            zorder=style["zorder"],
+            capsize=2,
+        )
+        for point in points.itertuples(index=False):
+            ax.annotate(
+                budget_display(point.budget_tokens, point.ratio),
+                (point.capacity_fraction, point.ratio_to_full),
+                textcoords="offset points",
+                xytext=(4, 3),
+                fontsize=7,
+                color=style["color"],
+            )
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="full cache")
+    ax.set_xlabel("capacity kept per compression (log-det fraction, CapKV's objective)")
+    ax.set_ylabel("perplexity / full cache's (lower is better)")
+    ax.grid(alpha=0.3)
+    legend_and_title(figure, [ax], f"{title}\n(error bars: paired {INTERVALS})", 0.9)
     return figure
 
 
 def perplexity_jobs(table: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
-    """One perplexity-by-position figure per (model, task, protocol) of ``perplexity.csv``."""
+    """Per (model, task, protocol) of ``perplexity.csv``: perplexity against position, and
+    where the runs measured it, perplexity against the capacity kept."""
     if table.empty:
         return
     buckets = table[table["positions"] != WHOLE]
@@ -114,3 +159,11 @@ def perplexity_jobs(table: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
             title = f"Perplexity against position: {model} · {task} · {protocol}"
             stem = plots_dir / safe_name(model, task, protocol, "perplexity_by_position")
             yield stem, perplexity_figure, (rows, title)
+    measured = table[(table["positions"] == WHOLE) & table["capacity_fraction"].notna()]
+    for (model, task), task_rows in measured.groupby(["model", "task"]):
+        for protocol in sorted(task_rows["protocol"].unique()):
+            rows = for_protocol(task_rows, protocol)
+            rows = rows[~rows["method"].map(is_full)]
+            title = f"Perplexity against retained capacity: {model} · {task} · {protocol}"
+            stem = plots_dir / safe_name(model, task, protocol, "perplexity_vs_capacity")
+            yield stem, capacity_figure, (rows, title)
