@@ -65,7 +65,7 @@ def draw(per_head: np.ndarray, schedule: list[float], title: str, path: Path) ->
     side.plot(schedule, layers, "s--", label="PyramidKV schedule")
     side.set_xlabel("tokens kept per KV head")
     side.set_title("per layer")
-    side.legend(fontsize="small")
+    side.legend(fontsize="small", loc="lower right")  # clear of both curves
     side.grid(alpha=0.3)
     figure.suptitle(title)
     figure.tight_layout()

@@ -110,7 +110,11 @@ def capacity_figure(rows: pd.DataFrame, title: str) -> Figure:
     """The whole text's perplexity, as a ratio to the full cache's (with its paired interval),
     against the capacity fraction the compressions kept: one point per (method, budget), each
     labelled with its budget."""
-    figure = new_figure(8.6, 4.6)
+    variants = rows["variant"].unique()
+    if len(variants) == 1 and variants[0]:  # the chunk every run shares: in the title
+        title = f"{title}, {variants[0]}"
+        rows = rows.assign(variant="")
+    figure = new_figure(8.6, 4.8)
     (ax,) = panel_grid(figure, (1, 1), (0.8, 2.2, 0.7, 0.9), (0.0, 0.0)).ravel()
     methods = rows[["method", "variant"]].drop_duplicates().itertuples(index=False, name=None)
     for method, variant in sorted(methods, key=lambda pair: method_sort_key(*pair)):
@@ -132,7 +136,7 @@ def capacity_figure(rows: pd.DataFrame, title: str) -> Figure:
         )
         for point in points.itertuples(index=False):
             ax.annotate(
-                budget_display(point.budget_tokens, point.ratio),
+                f"{point.budget_tokens:.0f}" if pd.isna(point.ratio) else f"{point.ratio:g}",
                 (point.capacity_fraction, point.ratio_to_full),
                 textcoords="offset points",
                 xytext=(4, 3),
@@ -141,8 +145,12 @@ def capacity_figure(rows: pd.DataFrame, title: str) -> Figure:
             )
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="full cache")
     ax.set_xlabel("capacity kept per compression (log-det fraction, CapKV's objective)")
-    ax.set_ylabel("perplexity / full cache's (lower is better)")
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("perplexity / full cache's (log scale; lower is better)")
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.grid(alpha=0.3, which="both")
     legend_and_title(figure, [ax], f"{title}\n(error bars: paired {INTERVALS})", 0.9)
     return figure
 
