@@ -99,9 +99,9 @@ def curve_figure(rows: pd.DataFrame, kind: str, metric: str, title: str) -> Figu
     panels = sorted(rows["panel"].unique(), key=panel_sort_key)
     columns = min(4, len(panels))
     lines = math.ceil(len(panels) / columns)
-    margins, gaps = (0.8, 2.0, 0.7, 0.8), (0.8, 0.9)
+    margins, gaps = (0.8, 2.4, 0.7, 0.8), (0.8, 0.9)  # right: the legend
     figure = new_figure(
-        2.8 + 3.0 * columns + 0.8 * (columns - 1), 1.5 + 2.4 * lines + 0.9 * (lines - 1)
+        3.2 + 3.0 * columns + 0.8 * (columns - 1), 1.5 + 2.4 * lines + 0.9 * (lines - 1)
     )
     axes = panel_grid(figure, (lines, columns), margins, gaps).ravel()
     xs = list(rows.loc[rows["kind"] == kind, "x"])

@@ -25,8 +25,14 @@ METHODS = {
     "h2o": ("#ff7f0e", "H2O", "v"),
     "streamingllm": ("#9467bd", "StreamingLLM", "D"),
     "random": ("#7f7f7f", "Random", "x"),
+    # Allocations across heads and layers (their own colours: a figure may hold all of them).
+    "capkv_adaptive": ("#e377c2", "CapKV head-adaptive", "h"),
+    "capkv_model": ("#8c564b", "CapKV model-wide", "P"),
+    "capkv_iterative": ("#bcbd22", "CapKV iterative", "*"),
+    "snapkv_adaptive": ("#17becf", "Ada-SnapKV", "s"),
+    "pyramidkv_adaptive": ("#98df8a", "Ada-PyramidKV", "^"),
 }
-SPARE_COLOURS = ["#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+SPARE_COLOURS = ["#aec7e8", "#ffbb78", "#c5b0d5", "#c49c94"]  # any other method, by its name
 VARIANT_LINESTYLES = [":", "-.", (0, (5, 1, 1, 1, 1, 1))]
 # The subtask families of LongBench and RULER in their papers' order, as their tasks report them:
 # the order of subtasks in per-task tables and of family panels.
