@@ -8,8 +8,9 @@ sign-flip test):
   ``family``: a task family's subtasks; ``subtask``), the number of examples, the mean and its
   95% interval, examples resampled within their subtask (LongBench's dataset, RULER's subtask);
 - ``paired.csv|md``: every method against CapKV at the same budget and against the full cache
-  (a non-uniform allocation also against its own method's uniform budget), per task, budget, metric and level, on the examples both ran: the mean difference (method
-  minus reference), its paired interval, the sign-flip p-value, and the examples won, lost and
+  (a non-uniform allocation also against its own method's uniform budget), per task, budget,
+  metric and level, on the examples both ran: the mean difference (method minus reference), its
+  paired interval, the sign-flip p-value, and the examples won, lost and
   tied. A difference is ``better`` or ``worse`` when its interval excludes 0 and p < 0.05, else
   a ``tie``.
 

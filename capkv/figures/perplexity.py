@@ -71,13 +71,18 @@ def format_perplexity_axis(ax: Axes, rows: pd.DataFrame) -> None:
     ax.set_ylabel("perplexity (log scale; lower is better)")
 
 
-def perplexity_figure(rows: pd.DataFrame, title: str) -> Figure:
-    """Perplexity against position, one panel per budget (the full cache in each). A variant
-    every line shares (the chunk, e.g. ``chunk512``) goes in the title instead of the legend."""
+def variant_in_title(rows: pd.DataFrame, title: str) -> tuple[pd.DataFrame, str]:
+    """A variant every line shares (the chunk, e.g. ``chunk512``) moved from the legend into
+    the title."""
     variants = rows["variant"].unique()
     if len(variants) == 1 and variants[0]:
-        title = f"{title}, {variants[0]}"
-        rows = rows.assign(variant="")
+        return rows.assign(variant=""), f"{title}, {variants[0]}"
+    return rows, title
+
+
+def perplexity_figure(rows: pd.DataFrame, title: str) -> Figure:
+    """Perplexity against position, one panel per budget (the full cache in each)."""
+    rows, title = variant_in_title(rows, title)
     full = rows[rows["method"].map(is_full)]
     evicting = rows[~rows["method"].map(is_full)]
     budgets = evicting[["budget", "budget_tokens", "ratio"]].drop_duplicates()
@@ -108,12 +113,9 @@ def perplexity_figure(rows: pd.DataFrame, title: str) -> Figure:
 
 def capacity_figure(rows: pd.DataFrame, title: str) -> Figure:
     """The whole text's perplexity, as a ratio to the full cache's (with its paired interval),
-    against the capacity fraction the compressions kept: one point per (method, budget), each
-    labelled with its budget."""
-    variants = rows["variant"].unique()
-    if len(variants) == 1 and variants[0]:  # the chunk every run shares: in the title
-        title = f"{title}, {variants[0]}"
-        rows = rows.assign(variant="")
+    against the capacity fraction the compressions kept: one line per method through its
+    budgets, each point labelled with its budget (tokens per KV head, or the ratio removed)."""
+    rows, title = variant_in_title(rows, title)
     figure = new_figure(8.6, 4.8)
     (ax,) = panel_grid(figure, (1, 1), (0.8, 2.2, 0.7, 0.9), (0.0, 0.0)).ravel()
     methods = rows[["method", "variant"]].drop_duplicates().itertuples(index=False, name=None)
@@ -160,18 +162,15 @@ def perplexity_jobs(table: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
     where the runs measured it, perplexity against the capacity kept."""
     if table.empty:
         return
-    buckets = table[table["positions"] != WHOLE]
-    for (model, task), task_rows in buckets.groupby(["model", "task"]):
+    for (model, task), task_rows in table.groupby(["model", "task"]):
         for protocol in sorted(task_rows["protocol"].unique()):
             rows = for_protocol(task_rows, protocol)
+            whole = rows["positions"] == WHOLE
             title = f"Perplexity against position: {model} · {task} · {protocol}"
             stem = plots_dir / safe_name(model, task, protocol, "perplexity_by_position")
-            yield stem, perplexity_figure, (rows, title)
-    measured = table[(table["positions"] == WHOLE) & table["capacity_fraction"].notna()]
-    for (model, task), task_rows in measured.groupby(["model", "task"]):
-        for protocol in sorted(task_rows["protocol"].unique()):
-            rows = for_protocol(task_rows, protocol)
-            rows = rows[~rows["method"].map(is_full)]
-            title = f"Perplexity against retained capacity: {model} · {task} · {protocol}"
-            stem = plots_dir / safe_name(model, task, protocol, "perplexity_vs_capacity")
-            yield stem, capacity_figure, (rows, title)
+            yield stem, perplexity_figure, (rows[~whole], title)
+            measured = rows[whole & rows["capacity_fraction"].notna()]
+            if not measured.empty:
+                title = f"Perplexity against retained capacity: {model} · {task} · {protocol}"
+                stem = plots_dir / safe_name(model, task, protocol, "perplexity_vs_capacity")
+                yield stem, capacity_figure, (measured, title)
