@@ -207,10 +207,27 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
     return cells
 
 
-def shares_prefill(task: Any, cells: list[Cell]) -> bool:
-    """Whether the cells of a sweep can share one prefill per example: not when they stream
-    (each cell's cache shapes the rest of its reading) nor for a reading task."""
-    return not any(cell.stream.active for cell in cells) and getattr(task, "evaluate", None) is None
+def unshared_prefill(cfg: DictConfig, task: Any, cells: list[Cell]) -> str | None:
+    """Why the cells of this run cannot share one prefill per example (so none decode together),
+    or None where they can: a sweep whose cells neither stream nor read texts."""
+    if not sweep_mode(cfg):
+        return "it is one cell (a sweep is methods=[...] with budgets=[...] or ratios=[...])"
+    if any(cell.stream.active for cell in cells):
+        return (
+            "its cells stream (chunk= or compress_every=), each cell's cache shaping the rest of "
+            "its own reading"
+        )
+    if getattr(task, "evaluate", None) is not None:
+        return f"task={task.name} reads its texts and generates nothing"
+    return None
+
+
+def check_decode_batch(cfg: DictConfig, apart: str | None) -> None:
+    """``decode_batch=true`` where no cells decode together is refused, never silently ignored."""
+    if cfg.get("decode_batch") and apart is not None:
+        raise ValueError(
+            f"decode_batch=true has no cells to decode together: {apart}; drop decode_batch=true."
+        )
 
 
 def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -221,10 +238,12 @@ def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
     check_config(cfg)
     task = capped(instantiate(cfg.task), cfg.max_examples)
     cells = plan_cells(cfg, task.name)
+    apart = unshared_prefill(cfg, task, cells)
+    check_decode_batch(cfg, apart)
     if in_multirun():
         prepare_job(HydraConfig.get())
     model, tokenizer = load_model_cached(OmegaConf.to_yaml(cfg.model))
-    if sweep_mode(cfg) and shares_prefill(task, cells):
+    if apart is None:
         all_metrics = run_sweep(
             model,
             tokenizer,

@@ -53,6 +53,21 @@ BAD_INPUTS = [
     ("max_examples fraction", ["max_examples=2.5"], "max_examples=2.5 is not a whole number"),
     ("diagnostics not boolean", ["diagnostics=maybe"], "diagnostics='maybe'"),
     ("decode_batch not boolean", ["decode_batch=1"], "decode_batch=1 is not true, false"),
+    (
+        "batched decoding of one cell",
+        ["method=capkv", "budget=64", "decode_batch=true"],
+        "decode_batch=true has no cells to decode together: it is one cell",
+    ),
+    (
+        "batched decoding of streaming cells",
+        ["methods=[capkv,snapkv]", "budgets=[64]", "chunk=128", "decode_batch=true"],
+        "decode_batch=true has no cells to decode together: its cells stream",
+    ),
+    (
+        "batched decoding of a reading task",
+        ["task=perplexity", "methods=[capkv]", "budgets=[64]", "decode_batch=true"],
+        "decode_batch=true has no cells to decode together: task=perplexity reads its texts",
+    ),
     ("variant with a slash", ["variant=a/b"], "variant='a/b'"),
     ("misspelt key", ["buget=5"], "unknown config key 'buget'; did you mean budget?"),
     ("hyperparameter not a number", ["method.tau=abc"], "method.tau='abc' is not a number"),
