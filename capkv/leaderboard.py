@@ -3,7 +3,8 @@
 Reads the folder's ``main_table.csv`` (written by every run, or ``make tables``), averages each
 method's headline score over the budgets it ran (the full cache, which has one, is the
 reference line) and writes ``<plots>/leaderboard.md`` and ``leaderboard.png``: methods from
-best to worst, one column per budget and their mean.
+best to worst, one column per budget and their mean; the figure also draws each budget's 95%
+bootstrap interval (``main_table.csv``'s ``<column> low`` and ``high``).
 
     python -m capkv.leaderboard results/kvpress_leaderboard plots/kvpress_leaderboard
 """
@@ -14,16 +15,16 @@ import argparse
 import sys
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from capkv.results import markdown, write_atomically  # noqa: E402
+from capkv.figures.canvas import legend_and_title, new_figure, panel_grid
+from capkv.figures.style import budget_display, budget_sort_key
+from capkv.results import markdown, write_atomically
 
 FULL = "full"
 MEAN = "mean"
+INTERVAL = "95% bootstrap interval over the examples"
 
 
 def ranking(main_table: pd.DataFrame, column: str = "average") -> pd.DataFrame:
@@ -34,24 +35,87 @@ def ranking(main_table: pd.DataFrame, column: str = "average") -> pd.DataFrame:
     return table.sort_values(MEAN, ascending=False).round(1)
 
 
-def draw(table: pd.DataFrame, full_score: float | None, path: Path) -> None:
-    """Horizontal bars of the mean, best on top, a dot per budget, the full cache dashed."""
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(table) + 1.2))
-    positions = range(len(table))[::-1]
-    ax.barh(list(positions), table[MEAN], color="#9ecae1", label="mean over budgets")
-    markers = "osD^v"
-    for index, budget in enumerate(c for c in table.columns if c != MEAN):
-        ax.scatter(table[budget], list(positions), s=14, zorder=3, label=budget,
-                   marker=markers[index % len(markers)])  # fmt: skip
+def interval_bounds(main_table: pd.DataFrame, column: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The low and high bounds of ``column``'s interval per method (rows) and budget (columns),
+    from ``main_table.csv``'s ``<column> low`` and ``<column> high`` (empty frames where the
+    table has none; with several models or protocols in one folder, the mean of their bounds)."""
+    rows = main_table[main_table["method"] != FULL]
+    if f"{column} low" not in rows:
+        return pd.DataFrame(), pd.DataFrame()
+    low = rows.pivot_table(index="method", columns="budget", values=f"{column} low")
+    high = rows.pivot_table(index="method", columns="budget", values=f"{column} high")
+    return low, high
+
+
+def budget_names(scores: pd.DataFrame | None, budgets: list[str]) -> dict[str, str]:
+    """Each budget label's display name and order (``512 tokens/head``, ``50% removed``) from
+    ``scores.csv``'s budget fields; the label itself where the folder has no scores table."""
+    if scores is None:
+        return {budget: budget for budget in budgets}
+    fields = scores.drop_duplicates("budget").set_index("budget")[["budget_tokens", "ratio"]]
+    known = [budget for budget in budgets if budget in fields.index]
+    known.sort(key=lambda budget: budget_sort_key(*fields.loc[budget]))
+    names = {budget: budget_display(*fields.loc[budget]) for budget in known}
+    return names | {budget: budget for budget in budgets if budget not in names}
+
+
+def leaderboard_figure(
+    table: pd.DataFrame,
+    bounds: tuple[pd.DataFrame, pd.DataFrame],
+    names: dict[str, str],
+    full_score: float | None,
+    title: str,
+) -> Figure:
+    """Horizontal bars of each method's mean over budgets, best on top; a marker per budget
+    with its interval as a whisker; the full cache dashed."""
+    longest = max(len(str(method)) for method in table.index)
+    margins = (0.3 + 0.085 * longest, 2.0, 0.7, 0.9)  # left: the method names
+    figure = new_figure(margins[0] + 5.5 + margins[1], 0.32 * len(table) + 1.6)
+    (ax,) = panel_grid(figure, (1, 1), margins, (0.0, 0.0)).ravel()
+    positions = list(range(len(table)))[::-1]
+    ax.barh(positions, table[MEAN], color="#9ecae1", label="mean over budgets")
+    low, high = bounds
+    markers = "osD^v<>"
+    for index, (budget, name) in enumerate(names.items()):
+        offset = 0.22 * (index - (len(names) - 1) / 2)  # each budget on its own line in the bar
+        heights = [position + offset for position in positions]
+        scores = table[budget]
+        if budget in low and budget in high:
+            below = scores - low[budget].reindex(table.index)
+            above = high[budget].reindex(table.index) - scores
+            whiskers = [below.clip(lower=0), above.clip(lower=0)]
+            style = {"ecolor": f"C{index}", "elinewidth": 0.8, "capsize": 1.5}
+            ax.errorbar(scores, heights, xerr=whiskers, fmt="none", zorder=3, **style)
+        marker = markers[index % len(markers)]
+        ax.scatter(scores, heights, s=16, color=f"C{index}", marker=marker, label=name, zorder=4)
     if full_score is not None:
         ax.axvline(full_score, color="black", linestyle="--", linewidth=1, label="full cache")
-    ax.set_yticks(list(positions), table.index)
+    ax.set_yticks(positions, table.index)
+    ax.set_ylim(-0.7, len(table) - 0.3)
+    ax.set_xlim(0, 100)
     ax.set_xlabel("score (0-100)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    ax.grid(axis="x", alpha=0.3)
+    legend_and_title(figure, [ax], title, margins[3], legend_title="budget")
+    return figure
+
+
+def leaderboard_title(main_table: pd.DataFrame, column: str) -> str:
+    """What is ranked (``average``: the task's headline score, or the average over the tasks),
+    over which runs, and what the marks show."""
+    tasks = [
+        name
+        for name in main_table.columns[4:]
+        if name != "average" and not name.endswith((" low", " high", " n"))
+    ]
+    score = column
+    if column == "average" and tasks:
+        score = tasks[0] if len(tasks) == 1 else f"average ({', '.join(tasks)})"
+    models = " · ".join(sorted(main_table["model"].astype(str).unique()))
+    protocols = " · ".join(sorted(main_table["protocol"].astype(str).unique()))
+    return (
+        f"Methods ranked by their mean {score} score over budgets: {models} · {protocols}\n"
+        f"(markers: each budget, whiskers: its {INTERVAL})"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,7 +135,18 @@ def main(argv: list[str] | None = None) -> None:
         )
     table = ranking(main_table, args.column)
     full = main_table.loc[main_table["method"] == FULL, args.column]
-    draw(table, float(full.mean()) if len(full) else None, args.plots / "leaderboard.png")
+    scores_path = args.results / "scores.csv"
+    scores = pd.read_csv(scores_path) if scores_path.exists() else None
+    names = budget_names(scores, [budget for budget in table.columns if budget != MEAN])
+    figure = leaderboard_figure(
+        table,
+        interval_bounds(main_table, args.column),
+        names,
+        float(full.mean()) if len(full) else None,
+        leaderboard_title(main_table, args.column),
+    )
+    args.plots.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.plots / "leaderboard.png", dpi=110)
     write_atomically(args.plots / "leaderboard.md", markdown(table.reset_index()) + "\n")
     print(markdown(table.reset_index()))
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from capkv import Budget
+from capkv.figures.canvas import fitted_title, legend_and_title, new_figure, panel_grid
 from capkv.figures.cli import main
-from capkv.figures.heatmaps import fitted_title
 from capkv.figures.style import budget_display, budget_sort_key, safe_name
 from capkv.perplexity import text_fields
 from capkv.results import (
@@ -231,13 +231,53 @@ def test_budgets_are_named_and_ordered_from_their_fields() -> None:
     )
 
 
-def test_a_title_too_wide_for_its_figure_breaks_after_its_colon() -> None:
+def test_a_title_too_wide_for_its_figure_breaks_after_its_colon_then_between_words() -> None:
     title = "Needle in a haystack, graded score (0-1): smollm2-135m · needle · query_aware"
     assert fitted_title(title, width=12.0) == title
     assert fitted_title(title, width=4.9) == (
         "Needle in a haystack, graded score (0-1):\nsmollm2-135m · needle · query_aware"
     )
-    assert fitted_title("no colon " * 20, width=2.0) == "no colon " * 20
+    words = "no colon " * 20
+    lines = fitted_title(words, width=2.0).split("\n")
+    assert len(lines) > 1 and " ".join(lines) == words.strip()
+    assert max(map(len, lines)) < len(words) / 4
+
+
+def test_a_long_legend_and_title_grow_the_figure_and_overlap_no_panel() -> None:
+    """The kvpress leaderboard's case: 25 methods with long names beside one panel."""
+    figure = new_figure(6.2, 3.9)
+    (ax,) = panel_grid(figure, (1, 1), (0.8, 2.4, 0.7, 0.8), (0.8, 0.9)).ravel()
+    for i in range(25):
+        ax.plot([50, 75], [i, i + 1], label=f"kvpress-observedattention-{i}")
+    title = (
+        "exact against compression ratio (bands: 95% bootstrap intervals): "
+        "smollm2-135m · needle_grid · query_aware"
+    )
+    panel_inches = ax.get_position().width * 6.2, ax.get_position().height * 3.9
+    legend_and_title(figure, [ax], title, 0.8)
+    renderer = figure.canvas.get_renderer()
+    whole = figure.bbox
+    key, heading = figure.legends[0], figure._suptitle
+    for artist in (key, heading):
+        box = artist.get_window_extent(renderer)
+        assert whole.x0 <= box.x0 and box.x1 <= whole.x1 and whole.y0 <= box.y0
+        assert box.y1 <= whole.y1
+        assert not box.overlaps(ax.get_window_extent(renderer))
+    assert "\n" in heading.get_text()
+    width, height = figure.get_size_inches()
+    assert width > 6.2 and height > 3.9
+    assert ax.get_position().width * width == pytest.approx(panel_inches[0])
+    assert ax.get_position().height * height >= panel_inches[1]
+
+
+def test_a_legend_and_title_that_fit_leave_the_figure_as_it_was() -> None:
+    figure = new_figure(8.0, 4.0)
+    (ax,) = panel_grid(figure, (1, 1), (0.8, 2.4, 0.7, 0.8), (0.8, 0.9)).ravel()
+    ax.plot([1, 2], [1, 2], label="CapKV")
+    before = ax.get_position().bounds
+    legend_and_title(figure, [ax], "short title", 0.8)
+    assert tuple(figure.get_size_inches()) == (8.0, 4.0)
+    assert ax.get_position().bounds == before
 
 
 def write_perplexity_run(results: Path, method: str, budget: str, shift: float) -> None:

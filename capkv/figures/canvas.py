@@ -4,6 +4,7 @@ legend and title, and the rendering of many figures in parallel, each as PNG and
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -15,6 +16,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 FIGURE_SUFFIXES = (".png", ".pdf")
+TITLE_SIZE = 11.0  # points
+TITLE_LINE = 0.2  # inches per line of an 11-point title
+EDGE = 0.12  # inches between the figure's edge and its title or legend
 
 Job = tuple[Path, Callable[..., Figure], tuple[Any, ...]]  # (file stem, draw function, arguments)
 
@@ -46,22 +50,71 @@ def panel_grid(
     return figure.subplots(rows, columns, squeeze=False, gridspec_kw=box | spacing)
 
 
-def legend_and_title(figure: Figure, axes: Iterable[Axes], title: str, top: float) -> None:
+def fitted_title(title: str, width: float, fontsize: float = TITLE_SIZE) -> str:
+    """``title`` with each line that would be wider than ``width`` inches broken: after its
+    last colon (a title's "what: where" parts), then between words. A character is taken as
+    0.55 em, wide for DejaVu Sans' average."""
+    per_line = max(12, int((width - 0.2) / (0.55 * fontsize / 72)))
+    lines = []
+    for line in title.split("\n"):
+        head, colon, tail = line.rpartition(": ")
+        parts = [f"{head}:", tail] if colon and len(line) > per_line else [line]
+        lines += [wrapped for part in parts for wrapped in textwrap.wrap(part, per_line) or [""]]
+    return "\n".join(lines)
+
+
+def legend_and_title(
+    figure: Figure, axes: Iterable[Axes], title: str, top: float, legend_title: str = "method"
+) -> None:
     """One legend of every line drawn in ``axes`` (each label once, in the order first drawn),
-    right-aligned below the figure's top margin of ``top`` inches, and ``title`` above it."""
+    right-aligned below the figure's top margin of ``top`` inches, and ``title`` above it.
+
+    The figure grows where either would not fit, its panels keeping their size in inches:
+    wider where the legend is wider than the space right of the panels, taller where it is
+    taller than the panels (their height then stretched) or where the title, broken to the
+    figure's width (:func:`fitted_title`), takes more lines than ``top`` was made for.
+    """
     legend: dict[str, object] = {}
     for ax in axes:
         handles, labels = ax.get_legend_handles_labels()
         legend.update(zip(labels, handles, strict=True))
-    height = figure.get_figheight()
-    figure.legend(
-        legend.values(),
-        legend.keys(),
-        title="method",
-        loc="upper right",
-        bbox_to_anchor=(1, 1 - top / height),
-    )
-    figure.suptitle(title, y=1 - 0.12 / height, va="top", fontsize=11)
+    width, height = figure.get_size_inches()
+    key = figure.legend(legend.values(), legend.keys(), title=legend_title, loc="upper right")
+    box = key.get_window_extent(figure.canvas.get_renderer())
+    key_width, key_height = box.width / figure.dpi, box.height / figure.dpi
+    panels_right = max(ax.get_position().x1 for ax in figure.axes) * width
+    new_width = max(width, panels_right + key_width + 2 * EDGE)
+    fitted = fitted_title(title, new_width)
+    new_top = top + TITLE_LINE * (fitted.count("\n") - title.count("\n"))
+    new_height = max(height - top + new_top, new_top + key_height + EDGE)
+    if (new_width, new_height) != (width, height):
+        keep_panels(figure, (width, height, top), (new_width, new_height, new_top))
+    key.set_bbox_to_anchor((1, 1 - new_top / new_height), transform=figure.transFigure)
+    figure.suptitle(fitted, y=1 - EDGE / new_height, va="top", fontsize=TITLE_SIZE)
+
+
+def keep_panels(
+    figure: Figure, old: tuple[float, float, float], new: tuple[float, float, float]
+) -> None:
+    """Resize ``figure`` from ``old`` to ``new`` (width, height and top margin, in inches),
+    every axes keeping its left edge and width in inches; their bottom margin stays and the
+    band they fill up to the top margin stretches to the new height."""
+    (width, height, top), (new_width, new_height, new_top) = old, new
+    bottom = min(ax.get_position().y0 for ax in figure.axes) * height
+    stretch = (new_height - new_top - bottom) / (height - top - bottom)
+    boxes = [(ax, ax.get_position()) for ax in figure.axes]
+    figure.set_size_inches(new_width, new_height)
+    for ax, box in boxes:
+        y0 = bottom + (box.y0 * height - bottom) * stretch
+        y1 = bottom + (box.y1 * height - bottom) * stretch
+        ax.set_position(
+            (
+                box.x0 * width / new_width,
+                y0 / new_height,
+                box.width * width / new_width,
+                (y1 - y0) / new_height,
+            )
+        )
 
 
 def output(stem: Path, suffix: str) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from capkv.figures.canvas import Job, new_figure, panel_grid
+from capkv.figures.canvas import Job, legend_and_title, new_figure, panel_grid
 from capkv.figures.style import AVERAGE, method_sort_key, method_style, safe_name
 from capkv.perplexity import HEADLINE
 
@@ -27,7 +27,6 @@ def capacity_figure(rows: pd.DataFrame, metric: str, title: str) -> Figure:
     ]
     methods = rows[["method", "variant"]].drop_duplicates().itertuples(index=False, name=None)
     methods = sorted(methods, key=lambda pair: method_sort_key(*pair))
-    legend: dict[str, object] = {}
     for ax, (column, label) in zip(axes, panels, strict=True):
         for method, variant in methods:
             points = rows[(rows["method"] == method) & (rows["variant"] == variant)]
@@ -45,10 +44,7 @@ def capacity_figure(rows: pd.DataFrame, metric: str, title: str) -> Figure:
         ax.set_ylabel(f"{metric} (0-100)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        legend.update(zip(labels, handles, strict=True))
-    figure.legend(legend.values(), legend.keys(), title="method", loc="upper right")
-    figure.suptitle(title, fontsize=11)
+    legend_and_title(figure, axes, title, 0.7)
     return figure
 
 

@@ -22,7 +22,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from capkv.figures.canvas import Job, new_figure, panel_grid
+from capkv.figures.canvas import Job, fitted_title, new_figure, panel_grid
 from capkv.figures.data import for_protocol, needle_scores
 from capkv.figures.style import (
     FULL,
@@ -83,15 +83,6 @@ def heatmap_layout(runs: pd.DataFrame) -> tuple[list[tuple[str, str]], list[str]
         key=lambda run: budget_sort_key(run.budget_tokens, run.ratio),
     )
     return methods, [run.budget for run in order] or [FULL]
-
-
-def fitted_title(title: str, width: float, fontsize: float = 11.0) -> str:
-    """``title``, broken after its first colon when one line would be wider than ``width``
-    inches (a character is taken as 0.55 em, wide for DejaVu Sans' average)."""
-    if len(title) * 0.55 * fontsize / 72 <= width - 0.2:
-        return title
-    head, colon, tail = title.partition(": ")
-    return f"{head}:\n{tail}" if colon else title
 
 
 def heatmap_figure(rows: pd.DataFrame, score: str, title: str, bounds: dict) -> Figure:

@@ -31,6 +31,25 @@ METHODS = {
     "capkv_iterative": ("#bcbd22", "CapKV iterative", "*"),
     "snapkv_adaptive": ("#17becf", "Ada-SnapKV", "s"),
     "pyramidkv_adaptive": ("#98df8a", "Ada-PyramidKV", "^"),
+    # kvpress's scorer presses without a counterpart here (capkv.interop; the leaderboard).
+    "kvpress-compactor": ("#393b79", "kvpress-compactor", "<"),
+    "kvpress-cur": ("#637939", "kvpress-cur", ">"),
+    "kvpress-expectedattention": ("#8c6d31", "kvpress-expectedattention", "p"),
+    "kvpress-keydiff": ("#843c39", "kvpress-keydiff", "d"),
+    "kvpress-knorm": ("#7b4173", "kvpress-knorm", "H"),
+    "kvpress-lagkv": ("#2b8c8c", "kvpress-lagkv", "X"),
+    "kvpress-leveragescore": ("#31a354", "kvpress-leveragescore", "8"),
+    "kvpress-noncausalattn": ("#9c9ede", "kvpress-noncausalattn", "1"),
+    "kvpress-tova": ("#756bb1", "kvpress-tova", "*"),
+}
+# kvpress's presses of the methods here: drawn in their counterpart's colour and marker, dashed.
+KVPRESS_COUNTERPARTS = {
+    "kvpress-cap": "capkv",
+    "kvpress-snapkv": "snapkv",
+    "kvpress-pyramidkv": "pyramidkv",
+    "kvpress-observedattention": "h2o",
+    "kvpress-streamingllm": "streamingllm",
+    "kvpress-random": "random",
 }
 SPARE_COLOURS = ["#aec7e8", "#ffbb78", "#c5b0d5", "#c49c94"]  # any other method, by its name
 VARIANT_LINESTYLES = [":", "-.", (0, (5, 1, 1, 1, 1, 1))]
@@ -68,16 +87,19 @@ def method_sort_key(method: str, variant: str = "") -> tuple[int, str, str]:
 def method_style(method: str, variant: str = "") -> dict[str, object]:
     """Keyword arguments of ``Axes.plot`` for ``method``: the same in every figure.
 
-    Variants keep their method's colour and marker and get a dotted line style picked by name.
+    Variants keep their method's colour and marker and get a dotted line style picked by name;
+    kvpress's press of a method here (:data:`KVPRESS_COUNTERPARTS`) is its method, dashed.
     """
     spare = SPARE_COLOURS[zlib.crc32(method.encode()) % len(SPARE_COLOURS)]
-    colour, name, marker = METHODS.get(method, (spare, method, "P"))
+    counterpart = KVPRESS_COUNTERPARTS.get(method)
+    colour, name, marker = METHODS.get(counterpart or method, (spare, method, "P"))
+    name = method if counterpart else name
     stands_out = method == "capkv"
     style: dict[str, object] = {
         "color": colour,
         "label": f"{name} ({variant})" if variant else name,
         "marker": marker or None,
-        "linestyle": "-",
+        "linestyle": "--" if counterpart else "-",
         "linewidth": 2.8 if stands_out else 1.5,
         "markersize": 7 if stands_out else 5,
         "zorder": 3 if stands_out else 2,
