@@ -31,7 +31,10 @@ METHODS = {
     "capkv_iterative": ("#bcbd22", "CapKV iterative", "*"),
     "snapkv_adaptive": ("#17becf", "Ada-SnapKV", "s"),
     "pyramidkv_adaptive": ("#98df8a", "Ada-PyramidKV", "^"),
-    # kvpress's scorer presses without a counterpart here (capkv.interop; the leaderboard).
+}
+# Colour, name and marker of kvpress's scorer presses without a counterpart here
+# (capkv.interop; the leaderboard). They sort after every method above, by name.
+KVPRESS_PRESSES = {
     "kvpress-compactor": ("#393b79", "kvpress-compactor", "<"),
     "kvpress-cur": ("#637939", "kvpress-cur", ">"),
     "kvpress-expectedattention": ("#8c6d31", "kvpress-expectedattention", "p"),
@@ -92,7 +95,8 @@ def method_style(method: str, variant: str = "") -> dict[str, object]:
     """
     spare = SPARE_COLOURS[zlib.crc32(method.encode()) % len(SPARE_COLOURS)]
     counterpart = KVPRESS_COUNTERPARTS.get(method)
-    colour, name, marker = METHODS.get(counterpart or method, (spare, method, "P"))
+    known = METHODS | KVPRESS_PRESSES
+    colour, name, marker = known.get(counterpart or method, (spare, method, "P"))
     name = method if counterpart else name
     stands_out = method == "capkv"
     style: dict[str, object] = {
