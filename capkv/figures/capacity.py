@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from capkv.figures.canvas import Job, legend_and_title, new_figure, panel_grid
 from capkv.figures.style import AVERAGE, method_sort_key, method_style, safe_name
-from capkv.perplexity import HEADLINE
+from capkv.results import RUN_KEYS
 
 
 def capacity_figure(rows: pd.DataFrame, metric: str, title: str) -> Figure:
@@ -48,14 +48,17 @@ def capacity_figure(rows: pd.DataFrame, metric: str, title: str) -> Figure:
     return figure
 
 
-def capacity_jobs(scores: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
-    """One capacity figure per (model, task, protocol, metric) whose runs carry diagnostics."""
-    if "capacity_fraction" not in scores:
+def capacity_jobs(scores: pd.DataFrame, intervals: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
+    """One capacity figure per (model, task, protocol, metric) whose runs carry diagnostics.
+
+    Only the ranked runs (0-100, higher is better: those of ``intervals.csv``) are drawn;
+    perplexity runs have their own figure (:func:`capkv.figures.perplexity.capacity_figure`).
+    """
+    if "capacity_fraction" not in scores or intervals.empty:
         return
     measured = scores[(scores["subtask"] == AVERAGE) & scores["capacity_fraction"].notna()]
-    # Perplexity runs (streaming: capacity only, lower is better) have their own figure
-    # (:func:`capkv.figures.perplexity.capacity_figure`).
-    measured = measured[~measured["metric"].str.startswith(HEADLINE)]
+    ranked = intervals[[*RUN_KEYS, "metric"]].drop_duplicates()
+    measured = measured.merge(ranked, on=[*RUN_KEYS, "metric"])
     for (model, task, protocol, metric), rows in measured.groupby(
         ["model", "task", "protocol", "metric"]
     ):

@@ -34,7 +34,7 @@ def draw_all(results_dir: str | Path, plots_dir: str | Path) -> list[Path]:
         jobs += [*heatmap_grid_jobs(needle, bounds, plots_dir)]
         jobs += [*heatmap_jobs(needle, bounds, plots_dir)]
     if not scores.empty:
-        jobs += [*curve_jobs(intervals, plots_dir), *capacity_jobs(scores, plots_dir)]
+        jobs += [*curve_jobs(intervals, plots_dir), *capacity_jobs(scores, intervals, plots_dir)]
     jobs += [*perplexity_jobs(load_perplexity(results_dir), plots_dir)]
     written = render_all(jobs)
     return written + (task_tables(intervals, plots_dir) if not scores.empty else [])
