@@ -11,6 +11,7 @@ Each panel's title carries the run's mean score and its 95% bootstrap interval
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Iterator
 from itertools import product
 from pathlib import Path
@@ -118,7 +119,7 @@ def heatmap_figure(rows: pd.DataFrame, score: str, title: str, bounds: dict) -> 
         shown += f": {mean / 100:.2f} [{low / 100:.2f}, {high / 100:.2f}]"
         axes[i, j].set_title(shown, fontsize=8)
         axes[i, j].tick_params(labelbottom=i == len(methods) - 1, labelleft=j == 0)
-    label_rows(axes[:, 0], methods)
+    label_rows(axes[:, 0], methods, panel[1])
     figure.supxlabel("context length (tokens)", y=0.2 / height, va="bottom")
     figure.suptitle(title, y=1 - 0.15 / height, va="top", fontsize=11)
     colour_bar = figure.add_axes((1 - 0.95 / width, 0.15, 0.2 / width, 0.7))
@@ -126,12 +127,15 @@ def heatmap_figure(rows: pd.DataFrame, score: str, title: str, bounds: dict) -> 
     return figure
 
 
-def label_rows(axes: np.ndarray, methods: list[tuple[str, str]]) -> None:
-    """The depth axis label and, left of it, the method's name in bold, on each row."""
+def label_rows(axes: np.ndarray, methods: list[tuple[str, str]], height: float) -> None:
+    """The depth axis label and, left of it, the method's name in bold, on each row, broken
+    (after a hyphen or space where it has one) into lines no longer than the row's ``height``
+    in inches (a bold 10-point character taken as 0.09 inch)."""
+    per_line = max(6, int(height / 0.09))
     for ax, (method, variant) in zip(axes, methods, strict=True):
         ax.set_ylabel("needle depth (%)", fontsize=8)
         ax.annotate(
-            method_style(method, variant)["label"],
+            textwrap.fill(method_style(method, variant)["label"], per_line),
             (0, 0.5),
             xycoords="axes fraction",
             xytext=(-42, 0),
