@@ -134,6 +134,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{', '.join(main_table.columns[4:])}."
         )
     table = ranking(main_table, args.column)
+    if table.empty:
+        sys.exit(
+            f"error: {source} holds no run of an evicting method, so there is nothing to rank; "
+            "run some methods (e.g. python run.py -m method=capkv,snapkv budget=512) first."
+        )
     full = main_table.loc[main_table["method"] == FULL, args.column]
     scores_path = args.results / "scores.csv"
     scores = pd.read_csv(scores_path) if scores_path.exists() else None
