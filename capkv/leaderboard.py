@@ -2,9 +2,9 @@
 
 Reads the folder's ``main_table.csv`` (written by every run, or ``make tables``), averages each
 method's headline score over the budgets it ran (the full cache, which has one, is the
-reference line) and writes ``<plots>/leaderboard.md`` and ``leaderboard.png``: methods from
-best to worst, one column per budget and their mean; the figure also draws each budget's 95%
-bootstrap interval (``main_table.csv``'s ``<column> low`` and ``high``).
+reference line) and writes ``<plots>/leaderboard.md`` and ``leaderboard.png`` and ``.pdf``:
+methods from best to worst, one column per budget and their mean; the figure also draws each
+budget's 95% bootstrap interval (``main_table.csv``'s ``<column> low`` and ``high``).
 
     python -m capkv.leaderboard results/kvpress_leaderboard plots/kvpress_leaderboard
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from capkv.figures.canvas import legend_and_title, new_figure, panel_grid
+from capkv.figures.canvas import legend_and_title, new_figure, panel_grid, render
 from capkv.figures.style import budget_display, budget_sort_key
-from capkv.results import markdown, write_atomically
+from capkv.results import markdown, scored_columns, write_atomically
 
 FULL = "full"
 MEAN = "mean"
@@ -102,11 +102,7 @@ def leaderboard_figure(
 def leaderboard_title(main_table: pd.DataFrame, column: str) -> str:
     """What is ranked (``average``: the task's headline score, or the average over the tasks),
     over which runs, and what the marks show."""
-    tasks = [
-        name
-        for name in main_table.columns[4:]
-        if name != "average" and not name.endswith((" low", " high", " n"))
-    ]
+    tasks = [name for name in scored_columns(main_table) if name != "average"]
     score = column
     if column == "average" and tasks:
         score = tasks[0] if len(tasks) == 1 else f"average ({', '.join(tasks)})"
@@ -143,15 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     scores_path = args.results / "scores.csv"
     scores = pd.read_csv(scores_path) if scores_path.exists() else None
     names = budget_names(scores, [budget for budget in table.columns if budget != MEAN])
-    figure = leaderboard_figure(
+    arguments = (
         table,
         interval_bounds(main_table, args.column),
         names,
         float(full.mean()) if len(full) else None,
         leaderboard_title(main_table, args.column),
     )
-    args.plots.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.plots / "leaderboard.png", dpi=110)
+    render((args.plots / "leaderboard", leaderboard_figure, arguments))
     write_atomically(args.plots / "leaderboard.md", markdown(table.reset_index()) + "\n")
     print(markdown(table.reset_index()))
 

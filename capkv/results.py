@@ -584,9 +584,14 @@ def with_bounds(
     return table[[*index, *columns]]
 
 
+def scored_columns(table: pd.DataFrame) -> list[str]:
+    """The score columns of a table with intervals: those beside a ``<column> low``."""
+    return [c for c in table.columns if f"{c} low" in table.columns]
+
+
 def main_table_markdown(table: pd.DataFrame) -> str:
     """The main table in Markdown: each score as ``mean [low, high]``, examples in the header."""
-    scored = [c for c in table.columns if f"{c} low" in table.columns]
+    scored = scored_columns(table)
     if not scored:
         return markdown(table)
     caption = (

@@ -11,7 +11,7 @@ import pandas as pd
 from capkv.figures.canvas import output
 from capkv.figures.data import for_protocol
 from capkv.figures.style import budget_sort_key, method_sort_key, safe_name, subtask_sort_key
-from capkv.results import interval_markdown, method_label, write_atomically
+from capkv.results import interval_markdown, method_label, scored_columns, write_atomically
 
 INTERVAL = "95% percentile bootstrap interval over the examples, seed 0"
 
@@ -53,7 +53,7 @@ def task_tables(intervals: pd.DataFrame, plots_dir: Path) -> list[Path]:
         for protocol in sorted(task_rows["protocol"].unique()):
             table = task_table(for_protocol(task_rows, protocol))
             stem = plots_dir / safe_name(model, task, protocol, "table")
-            groups = [c for c in table.columns if f"{c} low" in table.columns]
+            groups = scored_columns(table)
             heading = (
                 f"# {model} · {task} · {protocol}\n\nScores 0-100: mean [{INTERVAL}]; n: "
                 "examples behind the score.\n\n"
