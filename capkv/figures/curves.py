@@ -58,8 +58,8 @@ def panel_scores(intervals: pd.DataFrame) -> pd.DataFrame:
 
 
 def draw_curves(ax: Axes, rows: pd.DataFrame) -> None:
-    """One line per evicting method (x = budget value) with its interval as a band, and the full
-    cache as a dashed horizontal line over a grey band."""
+    """One line per evicting method (x = budget value) with its interval as a band (a whisker
+    where it ran one budget), and the full cache as a dashed horizontal line over a grey band."""
     methods = rows[["method", "variant"]].drop_duplicates().itertuples(index=False, name=None)
     for method, variant in sorted(methods, key=lambda pair: method_sort_key(*pair)):
         method_rows = rows[(rows["method"] == method) & (rows["variant"] == variant)]
@@ -80,6 +80,10 @@ def draw_curves(ax: Axes, rows: pd.DataFrame) -> None:
             linewidth=0,
             zorder=style["zorder"] - 1,
         )
+        if len(points) == 1:  # a band needs two budgets: one budget's interval as a whisker
+            whisker = [points["score"] - points["low"], points["high"] - points["score"]]
+            ax.errorbar(points["x"], points["score"], yerr=whisker, color=style["color"],
+                        capsize=4, linewidth=1.2, zorder=style["zorder"])  # fmt: skip
 
 
 def format_budget_axis(ax: Axes, xs: list[float], kind: str) -> None:
@@ -129,8 +133,8 @@ def curve_jobs(intervals: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
                     continue
                 for (metric,), curves in rows[rows["kind"].isin([kind, FULL])].groupby(["metric"]):
                     title = (
-                        f"{metric} against {axis} (bands: {INTERVAL}): {model} · {task} · "
-                        f"{protocol}"
+                        f"{metric} against {axis} (bands, or whiskers at a lone budget: "
+                        f"{INTERVAL}): {model} · {task} · {protocol}"
                     )
                     stem = plots_dir / safe_name(model, task, protocol, metric, "vs", kind)
                     yield stem, curve_figure, (curves, kind, metric, title)
