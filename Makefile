@@ -89,7 +89,7 @@ reproduce-leaderboard: $(VENV)/.installed $(ORACLE_VENV)/.installed
 	$(ORACLE_VENV)/bin/python run.py experiment=kvpress_leaderboard \
 		'methods=[kvpress-observedattention]' model.attn_implementation=eager
 	$(MAKE) tables figures RESULTS=$(LEADERBOARD) PLOTS=plots/kvpress_leaderboard
-	$(BIN)/python -m capkv.leaderboard $(LEADERBOARD) plots/kvpress_leaderboard
+	$(BIN)/python -m capkv.figures.leaderboard $(LEADERBOARD) plots/kvpress_leaderboard
 
 # Streaming eviction: long generation under a bound against the full cache (resumable).
 # The tables and plots of the committed reference results (what `make reproduce` and the

@@ -8,14 +8,16 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from capkv.cli import check_group_choices, in_multirun, plain_experiment, run_from_config
-from capkv.errors import one_line_errors, stop_on_sigterm
+from capkv.harness.cli import check_group_choices, in_multirun, plain_experiment, run_from_config
+from capkv.harness.errors import one_line_errors, stop_on_sigterm
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     if in_multirun():
-        run_from_config(cfg)  # a multirun reports each failed job in one line (capkv.callbacks)
+        run_from_config(
+            cfg
+        )  # a multirun reports each failed job in one line (capkv.harness.callbacks)
         return
     with one_line_errors(results_dir=cfg.results_dir):
         run_from_config(cfg)

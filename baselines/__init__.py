@@ -1,4 +1,4 @@
-"""Baselines on CapKV's interface: each a small :class:`capkv.method.EvictionMethod`."""
+"""Baselines on CapKV's interface: each a small :class:`capkv.engine.method.EvictionMethod`."""
 
 from baselines.full import Full
 from baselines.h2o import H2O

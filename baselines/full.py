@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from capkv.budget import Budget
-from capkv.method import EvictionMethod
+from capkv.engine.budget import Budget
+from capkv.engine.method import EvictionMethod
 
 
 @dataclass

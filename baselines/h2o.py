@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import torch
 
-from capkv.attention import accumulated_attention
-from capkv.layer import LayerPrefill, StreamMemory
-from capkv.method import EvictionMethod
+from capkv.engine.attention import accumulated_attention
+from capkv.engine.layer import LayerPrefill, StreamMemory
+from capkv.engine.method import EvictionMethod
 
 TALLY = "attention"  # the accumulated attention a streaming H2O carries between compressions
 
@@ -25,10 +25,10 @@ class H2O(EvictionMethod):
     original evicts one token per decoding step; this is its prefill analogue. On CUDA with
     Triton a fused kernel streams queries and keys in tiles (memory ``O(T)`` per head);
     elsewhere queries are processed in chunks, so memory grows as ``chunk x T``, never
-    ``T x T`` (:func:`capkv.attention.accumulated_attention`). No attention weights are asked of
+    ``T x T`` (:func:`capkv.engine.attention.accumulated_attention`). No attention weights are asked of
     the model (sdpa and flash-attention keep working).
 
-    In streaming mode (:mod:`capkv.streaming`) the score is the paper's online one: every
+    In streaming mode (:mod:`capkv.engine.streaming`) the score is the paper's online one: every
     compression adds the attention its new queries (a prompt chunk, or the tokens generated
     since the last compression) paid to the cached tokens to the tally carried over, and a token
     evicted leaves the tally.
@@ -40,7 +40,7 @@ class H2O(EvictionMethod):
     chunk : int
         Queries per chunk of the PyTorch path (memory versus speed only).
     allocation, floor
-        See :class:`~capkv.method.EvictionMethod`. Under ``allocation=adaptive`` the scores of
+        See :class:`~capkv.engine.method.EvictionMethod`. Under ``allocation=adaptive`` the scores of
         all KV heads are ranked together as they are: each is attention mass summed over the
         same prompt queries, and every head gives each query a mass of 1 (Ada-KV's choice).
     """

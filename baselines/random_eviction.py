@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from capkv.layer import LayerPrefill
-from capkv.method import EvictionMethod
+from capkv.engine.layer import LayerPrefill
+from capkv.engine.method import EvictionMethod
 
 
 @dataclass
@@ -26,7 +26,7 @@ class RandomEviction(EvictionMethod):
     n_sink, window : int
         First and last tokens always kept (0 for a pure random control).
     allocation, floor
-        See :class:`~capkv.method.EvictionMethod`; under ``allocation=adaptive`` the draws of
+        See :class:`~capkv.engine.method.EvictionMethod`; under ``allocation=adaptive`` the draws of
         all heads, identically distributed, are ranked together (random per-head budgets).
     """
 

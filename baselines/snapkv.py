@@ -8,9 +8,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from capkv.attention import received_attention
-from capkv.layer import LayerPrefill
-from capkv.method import EvictionMethod
+from capkv.engine.attention import received_attention
+from capkv.engine.layer import LayerPrefill
+from capkv.engine.method import EvictionMethod
 
 
 @dataclass
@@ -35,7 +35,7 @@ class SnapKV(EvictionMethod):
         "max" (the SnapKV and PyramidKV LongBench configs) or "avg" (kvpress; zero padding
         counted in the mean at the edges).
     allocation, floor
-        See :class:`~capkv.method.EvictionMethod`. Under ``allocation=adaptive`` the scores of
+        See :class:`~capkv.engine.method.EvictionMethod`. Under ``allocation=adaptive`` the scores of
         all KV heads are ranked together as they are (Ada-KV's choice): each is the attention
         mass a token receives, averaged over window queries, and every head's softmax spreads
         the same mass of 1 per query, so the scores are comparable across heads.

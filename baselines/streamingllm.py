@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from capkv.layer import LayerPrefill
-from capkv.method import EvictionMethod
+from capkv.engine.layer import LayerPrefill
+from capkv.engine.method import EvictionMethod
 
 
 @dataclass

@@ -9,11 +9,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from capkv.allocation import head_floor, padded_indices, pooled_selection
-from capkv.budget import Budget
 from capkv.capacity import log_det_capacity
-from capkv.layer import LayerPrefill, StreamMemory, apply_rope
-from capkv.method import EvictionMethod
+from capkv.engine.allocation import head_floor, padded_indices, pooled_selection
+from capkv.engine.budget import Budget
+from capkv.engine.layer import LayerPrefill, StreamMemory, apply_rope
+from capkv.engine.method import EvictionMethod
 
 ANCHOR_SUM, ANCHOR_COUNT = "anchor_sum", "anchor_count"  # a streaming CapKV's query anchor
 
@@ -36,7 +36,7 @@ class CapKV(EvictionMethod):
     product; ``u_i = v_i`` (the raw value vector) is the paper's own simplification. Scores are
     computed per query head and averaged over the query heads of each KV head (GQA).
 
-    In streaming mode (:mod:`capkv.streaming`) the pool is the layer's current cache (the
+    In streaming mode (:mod:`capkv.engine.streaming`) the pool is the layer's current cache (the
     tokens kept so far and those read since), and the anchor the mean over every query read so
     far, rotated by the RoPE of the ``n_future`` positions after the last token read: the same
     objective, against what the cache can still hold.

@@ -25,7 +25,7 @@ def log_det_capacity(
         Relevance weights (..., T), non-negative.
     kept : torch.Tensor, optional
         Indices (..., n) of the kept set C; all T tokens when None. Padding slots (index -1,
-        :data:`capkv.allocation.PADDING`) hold no token.
+        :data:`capkv.engine.allocation.PADDING`) hold no token.
 
     Returns
     -------

@@ -28,12 +28,12 @@ import torch
 from transformers import DynamicCache
 
 from capkv import Budget
+from capkv.harness.runner import Cell, decode, prefill, prefill_ids, prepared_examples
+from capkv.harness.sweep import run_sweep
 from capkv.interop import KvpressMethod
 from capkv.interop.environment import import_kvpress
 from capkv.models import load_model
-from capkv.results import finished_rows
-from capkv.runner import Cell, decode, prefill, prefill_ids, prepared_examples
-from capkv.sweep import run_sweep
+from capkv.results.store import finished_rows
 from capkv.tasks.needle import NeedleTask
 
 PRESSES = ("TOVAPress", "KnormPress", "ExpectedAttentionPress", "SnapKVPress", "StreamingLLMPress")

@@ -58,7 +58,7 @@ def worker(model_name: str, method_name: str, tokens: int, repeats: int, budget:
     """
     import baselines  # noqa: F401  (used by eval of METHODS)
     import capkv
-    from capkv.hooks import run_with_cache
+    from capkv.engine.hooks import run_with_cache
     from capkv.models import load_model
 
     model, _ = load_model(model_name, dtype="float32", attn_implementation="sdpa")

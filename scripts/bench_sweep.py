@@ -35,10 +35,10 @@ from transformers import DynamicCache
 
 from baselines import H2O, PyramidKV, SnapKV, StreamingLLM
 from capkv import Budget, CapKV
+from capkv.harness.runner import Cell, decode, prefill, prefill_ids, prepared_examples, run_cell
+from capkv.harness.sweep import run_sweep
 from capkv.models import load_model
-from capkv.results import finished_rows
-from capkv.runner import Cell, decode, prefill, prefill_ids, prepared_examples, run_cell
-from capkv.sweep import run_sweep
+from capkv.results.store import finished_rows
 from capkv.tasks.needle import NeedleTask
 
 RATIOS = (0.25, 0.5, 0.75, 0.9)

@@ -18,7 +18,7 @@ Markdown tables. On one H200 the whole run takes under 5 minutes:
    with torch's flash kernel forced, so no method can rely on attention weights) and its peak
    GPU memory minus the plain prefill's, beside one layer's T x T attention matrix.
 5. Decoding the 20 cells of a sweep (5 methods x 4 ratios) of one prompt, ``--new-tokens`` each
-   with no stop token: one by one against one padded batch (``capkv.decoding``).
+   with no stop token: one by one against one padded batch (``capkv.engine.decoding``).
 6. A summary of the issue's targets (H2O and CapKV prefill ratios, batched decoding speed-up).
 
 ``--small`` is the dry run: a 4-layer model with the 8B model's heads, short prompts, few cells
@@ -49,13 +49,13 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig  # noqa
 
 import baselines  # noqa: E402
 import capkv  # noqa: E402
-from capkv.attention import accumulated_attention  # noqa: E402
-from capkv.budget import Budget  # noqa: E402
-from capkv.decoding import batched_greedy_generate, greedy_generate  # noqa: E402
-from capkv.engine import gathered_cache, record_kept  # noqa: E402
-from capkv.hooks import run_with_cache  # noqa: E402
+from capkv.engine.attention import accumulated_attention  # noqa: E402
+from capkv.engine.budget import Budget  # noqa: E402
+from capkv.engine.compression import gathered_cache, record_kept  # noqa: E402
+from capkv.engine.decoding import batched_greedy_generate, greedy_generate  # noqa: E402
+from capkv.engine.hooks import run_with_cache  # noqa: E402
+from capkv.harness.sweep import decoding_groups  # noqa: E402
 from capkv.models import build_tiny_model  # noqa: E402
-from capkv.sweep import decoding_groups  # noqa: E402
 
 
 class ChunkedH2O(baselines.H2O):
@@ -365,7 +365,7 @@ def markdown(rows: list[dict]) -> str:
 
 def kernel_available(device: torch.device) -> bool:
     try:
-        import capkv.h2o_kernel  # noqa: F401
+        import capkv.engine.h2o_kernel  # noqa: F401
     except ImportError:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,5 +1,5 @@
 """Long generation under a bound: greedy continuations per method and budget, against the full
-cache's (:mod:`capkv.long_generation`).
+cache's (:mod:`capkv.harness.long_generation`).
 
 For each prompt (the opening of an essay and a request for a long continuation or summary, in
 the chat template) the full cache and every method at every budget generate the same number of
@@ -31,10 +31,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from capkv.budget import Budget
-from capkv.cli import CONF_DIR, group_options
+from capkv.engine.budget import Budget
 from capkv.figures.long_generation import long_generation_figure
-from capkv.long_generation import (
+from capkv.harness.cli import CONF_DIR, group_options
+from capkv.harness.long_generation import (
     FULL,
     LongGenerationSettings,
     displayed,
@@ -42,7 +42,7 @@ from capkv.long_generation import (
     run_comparison,
     write_tables,
 )
-from capkv.results import markdown
+from capkv.results.format import markdown
 
 METHODS = ["capkv", "snapkv", "pyramidkv", "h2o", "streamingllm"]
 

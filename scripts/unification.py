@@ -2,7 +2,7 @@
 
 For a few needle and RULER prompts of the model (SmolLM2-135M-Instruct by default), one prefill
 per prompt runs every method's scoring on every layer (as sweep mode does) and
-:class:`capkv.unification.UnificationProbe` records:
+:class:`capkv.analysis.unification.UnificationProbe` records:
 
 - the Spearman correlation, per layer and KV head, between each method's token scores and
   CapKV's removal cost ``-log(1 - s_i)``, the relevance ``w_i``, ``w_i ||v_i||^2`` and the
@@ -35,19 +35,20 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from capkv import Budget
-from capkv.cli import CONF_DIR
-from capkv.engine import record_kept
-from capkv.figures.canvas import new_figure
-from capkv.figures.style import method_style
-from capkv.results import markdown, write_atomically
-from capkv.runner import prefill, prefill_ids, prepared_examples
-from capkv.unification import (
+from capkv.analysis.unification import (
     REFERENCES,
     UnificationProbe,
     check_greedy_cost,
     greedy_capacity,
     greedy_seconds,
 )
+from capkv.engine.compression import record_kept
+from capkv.figures.canvas import new_figure
+from capkv.figures.style import method_style
+from capkv.harness.cli import CONF_DIR
+from capkv.harness.runner import prefill, prefill_ids, prepared_examples
+from capkv.results.format import markdown
+from capkv.storage.files import write_atomically
 
 PROTOCOL = "query_aware"
 SCORE_OF_TASK = {"needle_grid": "exact", "ruler": "string_match_all"}

@@ -13,9 +13,9 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import DynamicCache, PreTrainedTokenizerFast  # noqa: E402
 
-from capkv.engine import prefill_state  # noqa: E402
-from capkv.hooks import attention_layers, forward_hooks, rotary_embedding, run_with_cache  # noqa: E402
-from capkv.layer import LayerPrefill  # noqa: E402
+from capkv.engine.compression import prefill_state  # noqa: E402
+from capkv.engine.hooks import attention_layers, forward_hooks, rotary_embedding, run_with_cache  # noqa: E402
+from capkv.engine.layer import LayerPrefill  # noqa: E402
 from capkv.models import build_tiny_model  # noqa: E402
 from capkv.tasks.haystack import essay_files  # noqa: E402
 

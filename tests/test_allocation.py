@@ -9,10 +9,10 @@ from transformers import DynamicCache
 
 from baselines import SnapKV
 from capkv import Budget, CapKV, evict, greedy_generate, log_det_capacity
-from capkv.allocation import PADDING, head_floor, padded_indices, pooled_selection
-from capkv.decoding import head_causal_mask, per_layer_masks, set_head_mask
-from capkv.engine import gathered_cache, record_kept
-from capkv.hooks import run_with_cache
+from capkv.engine.allocation import PADDING, head_floor, padded_indices, pooled_selection
+from capkv.engine.compression import gathered_cache, record_kept
+from capkv.engine.decoding import head_causal_mask, per_layer_masks, set_head_mask
+from capkv.engine.hooks import run_with_cache
 from capkv.models import build_tiny_model
 from tests.conftest import capture_prefill, random_prompt
 
@@ -234,7 +234,7 @@ def attend(query, keys, values, scaling):
 
 @torch.no_grad()
 def test_diagnostics_count_only_each_heads_own_tokens(gqa_model):
-    from capkv.diagnostics import CapacityProbe, attention_errors, decoding_queries
+    from capkv.analysis.diagnostics import CapacityProbe, attention_errors, decoding_queries
 
     model, _ = gqa_model
     input_ids = random_prompt(model.config.vocab_size, PROMPT, seed=10)
@@ -282,8 +282,8 @@ def test_a_folder_written_before_allocations_existed_resumes(tmp_path):
     """A stored config without the allocation keys matches their defaults, not other values."""
     from omegaconf import OmegaConf
 
-    from capkv.cli import check_same_config
-    from capkv.results import CONFIG
+    from capkv.harness.cli import check_same_config
+    from capkv.results.store import CONFIG
 
     old = {"_target_": "capkv.CapKV", "tau": 5.0, "n_future": 512, "n_sink": 4, "eps": 1e-6}
     stored = {"model": {"name": "m"}, "task": {"name": "t"}, "method": old}

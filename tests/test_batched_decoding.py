@@ -18,18 +18,18 @@ from transformers import DynamicCache
 
 from baselines import H2O, Full, PyramidKV, SnapKV, StreamingLLM
 from capkv import Budget, CapKV
-from capkv.decoding import (
+from capkv.engine.compression import gathered_cache, record_kept
+from capkv.engine.decoding import (
     batched_greedy_generate,
     check_batchable,
     greedy_generate,
     per_layer_masks,
 )
-from capkv.engine import gathered_cache, record_kept
-from capkv.hooks import run_with_cache
+from capkv.engine.hooks import run_with_cache
+from capkv.harness.runner import Cell
+from capkv.harness.sweep import decoding_groups, run_sweep
 from capkv.models import build_tiny_model
-from capkv.results import finished_rows
-from capkv.runner import Cell
-from capkv.sweep import decoding_groups, run_sweep
+from capkv.results.store import finished_rows
 from capkv.tasks.needle import NeedleTask
 from tests.conftest import random_prompt
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from capkv.cluster import narrow_local_devices
-from capkv.locking import is_held
-from capkv.results import finished_rows, run_directory
-from capkv.runner import shard_lock_path
-from capkv.shards import Shard
+from capkv.harness.cluster import narrow_local_devices
+from capkv.harness.runner import shard_lock_path
+from capkv.harness.shards import Shard
+from capkv.results.store import finished_rows, run_directory
+from capkv.storage.locking import is_held
 
 ROOT = Path(__file__).resolve().parent.parent
 # 6 needle prompts x 2 cells, in sweep mode.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capkv.continuations import first_divergence, lcs_length, rouge_l
+from capkv.analysis.continuations import first_divergence, lcs_length, rouge_l
 
 
 @pytest.mark.parametrize(

@@ -7,12 +7,12 @@ from transformers import DynamicCache
 
 from baselines import Full, StreamingLLM
 from capkv import Budget, CapKV
-from capkv.diagnostics import CapacityProbe, attention_errors, decoding_queries
-from capkv.engine import record_kept
-from capkv.hooks import run_with_cache
-from capkv.results import finished_rows
-from capkv.runner import Cell
-from capkv.sweep import run_sweep
+from capkv.analysis.diagnostics import CapacityProbe, attention_errors, decoding_queries
+from capkv.engine.compression import record_kept
+from capkv.engine.hooks import run_with_cache
+from capkv.harness.runner import Cell
+from capkv.harness.sweep import run_sweep
+from capkv.results.store import finished_rows
 from capkv.tasks.needle import NeedleTask
 from tests.conftest import random_prompt
 

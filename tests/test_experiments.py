@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from capkv.cli import CONF_DIR, group_options, plain_experiment
+from capkv.harness.cli import CONF_DIR, group_options, plain_experiment
 from capkv.interop import SUPPORTED_PRESSES, press_class_name, short_name
 from capkv.interop.scorers import NEEDS_ATTENTIONS
 

@@ -13,16 +13,11 @@ from capkv import Budget
 from capkv.figures.canvas import fitted_title, legend_and_title, new_figure, panel_grid
 from capkv.figures.cli import main
 from capkv.figures.style import budget_display, budget_sort_key, safe_name
-from capkv.perplexity import text_fields
-from capkv.results import (
-    EXAMPLES,
-    ExampleLog,
-    aggregate,
-    identity_directory,
-    run_identity,
-    write_metrics,
-)
+from capkv.results.metrics import write_metrics
+from capkv.results.store import EXAMPLES, ExampleLog, identity_directory, run_identity
+from capkv.results.tables import aggregate
 from capkv.tasks.base import Reporting, task_reporting
+from capkv.tasks.perplexity import text_fields
 
 MODEL = "org/tiny-0.5b"  # a slash and a dot: file names must be path-safe and whole
 PROTOCOL = "query_aware"
@@ -39,7 +34,7 @@ def quality(method: str, budget: str) -> float:
 
 
 def row(example_id: str, subtask: str | None, scores: dict, metadata: dict) -> dict:
-    """One ``examples.jsonl`` row, with the fields :func:`capkv.runner.run_cell` writes."""
+    """One ``examples.jsonl`` row, with the fields :func:`capkv.harness.runner.run_cell` writes."""
     return {
         "example_id": example_id,
         "subtask": subtask,

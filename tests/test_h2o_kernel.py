@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from capkv import attention
-from capkv.attention import accumulated_attention
+from capkv.engine import attention
+from capkv.engine.attention import accumulated_attention
 from capkv.models import build_tiny_model
 from tests.conftest import capture_prefill, random_prompt
 
@@ -28,7 +28,7 @@ def kernel():
     if os.environ.get("CAPKV_REQUIRE_TRITON") == "1":
         import triton  # noqa: F401  (fails the test where CI lost the extra)
     pytest.importorskip("triton", reason="the 'triton' extra is not installed")
-    from capkv.h2o_kernel import fused_received_attention
+    from capkv.engine.h2o_kernel import fused_received_attention
 
     return fused_received_attention
 
@@ -87,10 +87,10 @@ def test_kernel_equals_the_chunked_h2o_scores_of_the_tiny_model(kernel, kv_heads
 
 
 def test_without_triton_the_chunked_path_runs_after_one_warning(monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "capkv.h2o_kernel", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "capkv.engine.h2o_kernel", None)  # makes the import fail
     attention._fused_kernel.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="capkv.attention"):
+        with caplog.at_level(logging.WARNING, logger="capkv.engine.attention"):
             assert attention._fused_kernel() is None
             assert attention._fused_kernel() is None
         assert len(caplog.records) == 1

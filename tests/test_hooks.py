@@ -10,9 +10,10 @@ import transformers
 from transformers import DynamicCache
 
 from baselines import SnapKV
-from capkv import CapKV, evict, hooks
-from capkv.engine import record_kept
-from capkv.hooks import (
+from capkv import CapKV, evict
+from capkv.engine import hooks
+from capkv.engine.compression import record_kept
+from capkv.engine.hooks import (
     TransformersMismatch,
     attention_layers,
     crop_cache,

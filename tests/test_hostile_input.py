@@ -15,18 +15,18 @@ from pathlib import Path
 import pytest
 
 from capkv.figures.cli import main as figures_main
+from capkv.harness.runner import Cell, run_cell
 from capkv.models import build_tiny_model
-from capkv.results import (
+from capkv.results.store import (
     CONFIG,
     EXAMPLES,
     METRICS,
-    aggregate,
     finished_rows,
     run_directory,
     run_identity,
-    write_atomically,
 )
-from capkv.runner import Cell, run_cell
+from capkv.results.tables import aggregate
+from capkv.storage.files import write_atomically
 from capkv.tasks.base import capped
 from capkv.tasks.needle import NeedleTask
 from capkv.tasks.ruler import RulerSuite
@@ -278,7 +278,8 @@ def test_resume_keeps_every_valid_row_around_a_damaged_line(tmp_path, caplog):
 
 def test_a_run_recomputes_only_the_damaged_line(tmp_path, monkeypatch):
     from baselines import SnapKV
-    from capkv import Budget, runner
+    from capkv import Budget
+    from capkv.harness import runner
 
     model, tokenizer = build_tiny_model()
     task = NeedleTask(context_lengths=[200], depths=[0, 50, 100])

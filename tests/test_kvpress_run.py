@@ -8,7 +8,7 @@ import pytest
 
 from capkv.figures.cli import draw_all
 from capkv.interop import kvpress_problem
-from capkv.results import finished_rows, run_directory
+from capkv.results.store import finished_rows, run_directory
 from tests.test_run import error_lines, run
 
 PROBLEM = kvpress_problem()

@@ -26,8 +26,8 @@ import kvpress  # noqa: E402
 
 from baselines import H2O, PyramidKV, SnapKV, StreamingLLM  # noqa: E402
 from capkv import Budget, CapKV  # noqa: E402
-from capkv.engine import record_kept  # noqa: E402
-from capkv.hooks import run_with_cache  # noqa: E402
+from capkv.engine.compression import record_kept  # noqa: E402
+from capkv.engine.hooks import run_with_cache  # noqa: E402
 from capkv.interop import SUPPORTED_PRESSES, KvpressMethod, as_press  # noqa: E402
 from capkv.interop.scorers import HUB_PRESSES, NEEDS_ATTENTIONS, RATIO_DEPENDENT  # noqa: E402
 from capkv.models import build_tiny_model  # noqa: E402

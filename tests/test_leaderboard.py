@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from capkv.leaderboard import leaderboard_title, main, ranking
+from capkv.figures.leaderboard import leaderboard_title, main, ranking
 
 
 def main_table() -> pd.DataFrame:

@@ -11,9 +11,10 @@ import torch
 
 from baselines import Full, StreamingLLM
 from capkv import Budget, CapKV
-from capkv.continuations import first_divergence, rouge_l
+from capkv.analysis.continuations import first_divergence, rouge_l
+from capkv.engine.streaming import StreamSettings
 from capkv.figures.long_generation import long_generation_figure
-from capkv.long_generation import (
+from capkv.harness.long_generation import (
     REQUESTS,
     LongGenerationSettings,
     essay_prompts,
@@ -22,8 +23,7 @@ from capkv.long_generation import (
     write_tables,
 )
 from capkv.models import build_tiny_model
-from capkv.results import read_rows
-from capkv.streaming import StreamSettings
+from capkv.results.store import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

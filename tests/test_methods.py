@@ -8,8 +8,8 @@ from transformers import DynamicCache
 
 from baselines import H2O, Full, PyramidKV, RandomEviction, SnapKV, StreamingLLM, pyramid_schedule
 from capkv import Budget, CapKV, evict, greedy_generate
-from capkv.allocation import head_floor, kept_mask
-from capkv.hooks import attention_layers, run_with_cache
+from capkv.engine.allocation import head_floor, kept_mask
+from capkv.engine.hooks import attention_layers, run_with_cache
 from tests.conftest import random_prompt
 
 BUDGET = 64

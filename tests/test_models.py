@@ -11,7 +11,7 @@ import torch
 import transformers
 from transformers import GPT2Config
 
-from capkv.hooks import rope_theta
+from capkv.engine.hooks import rope_theta
 from capkv.models import (
     SUPPORTED_MODEL_TYPES,
     ModelConfig,

@@ -43,7 +43,7 @@ import kvpress  # noqa: E402
 
 from baselines import PyramidKV, SnapKV, StreamingLLM, pyramid_schedule  # noqa: E402
 from capkv import CapKV, evict  # noqa: E402
-from capkv.hooks import attention_layers, run_with_cache  # noqa: E402
+from capkv.engine.hooks import attention_layers, run_with_cache  # noqa: E402
 from tests.conftest import capture_prefill, random_prompt  # noqa: E402
 
 PROMPT = 200

@@ -15,14 +15,14 @@ import torch
 
 from baselines import Full, StreamingLLM
 from capkv import Budget
+from capkv.engine.streaming import StreamSettings
 from capkv.figures.cli import main as figures_main
+from capkv.harness.runner import Cell, run_cell
 from capkv.models import build_tiny_model
-from capkv.prompting import tokenize_prompt
-from capkv.results import EXAMPLES, METRICS, finished_rows, run_directory, run_identity
-from capkv.runner import Cell, run_cell
-from capkv.streaming import StreamSettings
+from capkv.results.store import EXAMPLES, METRICS, finished_rows, run_directory, run_identity
 from capkv.tasks.haystack import essay_files
 from capkv.tasks.perplexity import PerplexityTask
+from capkv.tasks.prompting import tokenize_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK_CONFIG = {

@@ -14,21 +14,19 @@ import pytest
 import yaml
 
 from capkv import Budget
-from capkv.perplexity import text_fields
-from capkv.results import (
+from capkv.results.metrics import task_reportings, write_metrics
+from capkv.results.store import (
     CONFIG,
     EXAMPLES,
     METRICS,
     RUNS,
     ExampleLog,
-    aggregate,
     identity_directory,
-    main_table,
     run_identity,
-    task_reportings,
-    write_metrics,
 )
+from capkv.results.tables import aggregate, main_table
 from capkv.tasks.base import Reporting, task_reporting
+from capkv.tasks.perplexity import text_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,12 +14,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from capkv.cli import CONF_DIR, group_options
+from capkv.engine.method import EvictionMethod
+from capkv.harness.cli import CONF_DIR, group_options
+from capkv.harness.runner import Cell, run_cell
 from capkv.interop import kvpress_problem
-from capkv.method import EvictionMethod
 from capkv.models import build_tiny_model
-from capkv.results import EXAMPLES, METRICS, finished_rows, run_directory
-from capkv.runner import Cell, run_cell
+from capkv.results.store import EXAMPLES, METRICS, finished_rows, run_directory
 from capkv.tasks.needle import NeedleTask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +132,8 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     model, tokenizer = build_tiny_model()
     task = NeedleTask(context_lengths=[200, 400], depths=[0, 50, 100])
     from baselines import SnapKV
-    from capkv import Budget, runner
+    from capkv import Budget
+    from capkv.harness import runner
 
     run_dir = tmp_path / "cell"
     identity = {

@@ -17,17 +17,11 @@ import pytest
 
 from baselines import StreamingLLM
 from capkv import Budget, CapKV
-from capkv.results import (
-    METRICS,
-    aggregate,
-    finished_rows,
-    identity_directory,
-    rows_files,
-    run_identity,
-)
-from capkv.runner import Cell, CellBusy, RunLog, shard_lock_path
-from capkv.shards import Shard, check_shards, select_shard, shard_assignment
-from capkv.sweep import run_sweep
+from capkv.harness.runner import Cell, CellBusy, RunLog, shard_lock_path
+from capkv.harness.shards import Shard, check_shards, select_shard, shard_assignment
+from capkv.harness.sweep import run_sweep
+from capkv.results.store import METRICS, finished_rows, identity_directory, rows_files, run_identity
+from capkv.results.tables import aggregate
 from capkv.tasks.base import Example
 from capkv.tasks.needle import NeedleTask
 
@@ -70,7 +64,7 @@ def test_assignment_depends_on_the_ids_only_not_on_order_or_process():
     assert shard_assignment(list(reversed(examples)), 3) == assignment
     # The same in a fresh interpreter (another PYTHONHASHSEED): no use of hash().
     code = (
-        "import json, sys; from capkv.shards import shard_assignment; "
+        "import json, sys; from capkv.harness.shards import shard_assignment; "
         "from capkv.tasks.base import Example; "
         "examples = [Example(i, '', '', [], 1, metadata=m) for i, m in json.load(sys.stdin)]; "
         "print(json.dumps(shard_assignment(examples, 3)))"
@@ -195,8 +189,8 @@ def test_a_second_writer_of_a_cell_and_shard_is_refused_until_the_first_is_gone(
 def test_a_killed_writer_releases_its_cell_and_shard(tmp_path):
     run_dir = tmp_path / "cell"
     code = (
-        "import sys, time; from pathlib import Path; from capkv.runner import RunLog; "
-        "from capkv.shards import Shard; "
+        "import sys, time; from pathlib import Path; from capkv.harness.runner import RunLog; "
+        "from capkv.harness.shards import Shard; "
         "RunLog(Path(sys.argv[1]), {}, Shard(0, 2)).start([]); print('held', flush=True); "
         "time.sleep(60)"
     )

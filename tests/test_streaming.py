@@ -13,13 +13,13 @@ from transformers import DynamicCache
 from baselines import H2O, Full, PyramidKV, RandomEviction, SnapKV, StreamingLLM
 from baselines.h2o import TALLY
 from capkv import Budget, CapKV, evict, greedy_generate
-from capkv.diagnostics import CapacityProbe
-from capkv.hooks import attention_layers, forward_hooks, hidden_states_of, run_with_cache
+from capkv.analysis.diagnostics import CapacityProbe
+from capkv.engine.hooks import attention_layers, forward_hooks, hidden_states_of, run_with_cache
+from capkv.engine.streaming import StreamSettings, read_text, streamed
+from capkv.harness.runner import prefill
 from capkv.interop import KvpressMethod, kvpress_problem
 from capkv.interop.scorers import STREAMING_PRESSES, SUPPORTED_PRESSES
 from capkv.models import build_tiny_model
-from capkv.runner import prefill
-from capkv.streaming import StreamSettings, read_text, streamed
 from tests.conftest import random_prompt
 
 PROMPT = 160

@@ -8,11 +8,11 @@ from transformers import DynamicCache
 
 from baselines import H2O, Full, PyramidKV, RandomEviction, SnapKV, StreamingLLM
 from capkv import Budget, CapKV, evict
-from capkv.engine import gathered_cache, record_kept
-from capkv.hooks import run_with_cache
-from capkv.results import finished_rows
-from capkv.runner import Cell, run_cell
-from capkv.sweep import run_sweep
+from capkv.engine.compression import gathered_cache, record_kept
+from capkv.engine.hooks import run_with_cache
+from capkv.harness.runner import Cell, run_cell
+from capkv.harness.sweep import run_sweep
+from capkv.results.store import finished_rows
 from capkv.tasks.needle import NeedleTask
 from tests.conftest import random_prompt
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from capkv.uncertainty import compare, headline, mean_interval, sign_flip_p_value
+from capkv.results.uncertainty import compare, headline, mean_interval, sign_flip_p_value
 
 
 def by_id(scores):

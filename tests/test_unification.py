@@ -16,10 +16,7 @@ from transformers import DynamicCache
 
 from baselines import H2O, RandomEviction, SnapKV, StreamingLLM
 from capkv import Budget, CapKV
-from capkv.capacity import log_det_capacity
-from capkv.engine import record_kept
-from capkv.hooks import run_with_cache
-from capkv.unification import (
+from capkv.analysis.unification import (
     UnificationProbe,
     check_greedy_cost,
     greedy_capacity,
@@ -27,6 +24,9 @@ from capkv.unification import (
     reference_scores,
     spearman,
 )
+from capkv.capacity import log_det_capacity
+from capkv.engine.compression import record_kept
+from capkv.engine.hooks import run_with_cache
 from tests.conftest import capture_prefill, random_prompt
 
 ROOT = Path(__file__).resolve().parent.parent

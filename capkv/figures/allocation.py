@@ -4,7 +4,7 @@ needle prompt, as a heatmap, beside PyramidKV's hand-made schedule for the same 
     python -m capkv.figures.allocation [--model smollm2-135m] [--context-length 4096] [--depth 50]
         [--ratio 0.75 | --budget 512] [--out plots/<model>_allocation.png]
 
-One prefill records both allocations (sweep mode's :func:`capkv.engine.record_kept`); nothing is
+One prefill records both allocations (sweep mode's :func:`capkv.engine.compression.record_kept`); nothing is
 decoded. The figure shows where CapKV's objective puts the budget: which layers and heads hold the
 capacity, against a schedule that only shrinks with depth.
 """
@@ -23,10 +23,10 @@ import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from baselines import PyramidKV  # noqa: E402
-from capkv.budget import Budget  # noqa: E402
 from capkv.cap import CapKV  # noqa: E402
-from capkv.engine import record_kept  # noqa: E402
-from capkv.runner import prefill, prefill_ids, prepared_examples  # noqa: E402
+from capkv.engine.budget import Budget  # noqa: E402
+from capkv.engine.compression import record_kept  # noqa: E402
+from capkv.harness.runner import prefill, prefill_ids, prepared_examples  # noqa: E402
 from capkv.tasks.needle import NeedleTask  # noqa: E402
 
 

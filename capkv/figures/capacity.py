@@ -13,8 +13,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from capkv.figures.canvas import Job, legend_and_title, new_figure, panel_grid
-from capkv.figures.style import AVERAGE, method_sort_key, method_style, safe_name
-from capkv.results import RUN_KEYS
+from capkv.figures.style import AVERAGE, method_style, safe_name
+from capkv.results.order import method_sort_key
+from capkv.results.store import RUN_KEYS
 
 
 def capacity_figure(rows: pd.DataFrame, metric: str, title: str) -> Figure:

@@ -7,7 +7,6 @@ import argparse
 import logging
 from pathlib import Path
 
-from capkv.errors import one_line_errors
 from capkv.figures.canvas import Job, render_all
 from capkv.figures.capacity import capacity_jobs
 from capkv.figures.curves import curve_jobs
@@ -15,6 +14,7 @@ from capkv.figures.data import interval_of, load_perplexity, load_tables
 from capkv.figures.heatmaps import heatmap_grid_jobs, heatmap_jobs
 from capkv.figures.perplexity import perplexity_jobs
 from capkv.figures.tables import task_tables
+from capkv.harness.errors import one_line_errors
 
 HOW_TO_RUN = (
     "produce results with `python run.py method=full` (the full-cache reference) and "

@@ -2,7 +2,7 @@
 
 One line per method and one panel per task family (LongBench's and RULER's groups of subtasks)
 plus the average; the full cache is a dashed black line. Each line carries its 95% bootstrap
-interval as a band (``intervals.csv``, :mod:`capkv.comparisons`).
+interval as a band (``intervals.csv``, :mod:`capkv.results.comparisons`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from capkv.figures.style import (
     budget_kind,
     budget_x,
     is_full,
-    method_sort_key,
     method_style,
     panel_sort_key,
     safe_name,
 )
-from capkv.results import RUN_KEYS
+from capkv.results.order import method_sort_key
+from capkv.results.store import RUN_KEYS
 
 INTERVAL = "95% bootstrap intervals"
 

@@ -1,6 +1,6 @@
 """The tables figures are drawn from: read from a results folder, never written here.
 
-``make tables`` (:func:`capkv.results.aggregate`) builds ``scores.csv``, ``needle.csv``,
+``make tables`` (:func:`capkv.results.tables.aggregate`) builds ``scores.csv``, ``needle.csv``,
 ``intervals.csv`` (every headline with its bootstrap interval) and ``perplexity.csv`` from the
 run folders; drawing only reads them, after checking that they are what the run folders give
 now (a table older than a run's ``metrics.json`` stops the drawing with what to run).
@@ -13,14 +13,15 @@ from pathlib import Path
 import pandas as pd
 
 from capkv.figures.style import is_full
-from capkv.perplexity import is_perplexity
-from capkv.results import IDENTITY_KEYS, RUN_KEYS, RUNS, load_metrics, score_table
+from capkv.results.metrics import is_perplexity, load_metrics
+from capkv.results.store import IDENTITY_KEYS, RUN_KEYS, RUNS
+from capkv.results.tables import score_table
 
 SCORES = "scores.csv"
 NEEDLE = "needle.csv"
 INTERVALS = "intervals.csv"
 TABLES = (SCORES, NEEDLE, INTERVALS)
-PERPLEXITY = "perplexity.csv"  # folders with perplexity runs (capkv.perplexity) only
+PERPLEXITY = "perplexity.csv"  # folders with perplexity runs (capkv.results.perplexity) only
 NEEDLE_COLUMNS = [*IDENTITY_KEYS, "context_length", "depth", "prompt_tokens"]
 
 

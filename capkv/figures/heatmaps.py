@@ -30,11 +30,11 @@ from capkv.figures.style import (
     budget_display,
     budget_sort_key,
     is_full,
-    method_sort_key,
     method_style,
     safe_name,
 )
-from capkv.results import RUN_KEYS, method_label
+from capkv.results.order import method_sort_key
+from capkv.results.store import RUN_KEYS, method_label
 
 HEATMAP_NORM = Normalize(vmin=0.0, vmax=1.0)
 HEATMAP_CMAP = "RdYlGn"

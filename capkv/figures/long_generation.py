@@ -1,5 +1,5 @@
 """Long generation under a bound: how closely each method's greedy continuation follows the full
-cache's, against the budget (from :func:`capkv.long_generation.summary_table`)."""
+cache's, against the budget (from :func:`capkv.harness.long_generation.summary_table`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
 from capkv.figures.canvas import new_figure
-from capkv.figures.style import FULL, method_sort_key, method_style
+from capkv.figures.style import FULL, method_style
+from capkv.results.order import method_sort_key
 
 PANELS = {
     "rouge_l": "ROUGE-L F1 to the full cache's text (on tokens)",

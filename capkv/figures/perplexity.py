@@ -1,7 +1,7 @@
 """Perplexity against position (``<model>_<task>_<protocol>_perplexity_by_position``) and
 against the capacity the compressions kept (``..._perplexity_vs_capacity``).
 
-From ``perplexity.csv`` (:func:`capkv.perplexity.perplexity_table`): one panel per budget, one
+From ``perplexity.csv`` (:func:`capkv.results.perplexity.perplexity_table`): one panel per budget, one
 line per method through the midpoints of the position buckets, each with its 95% bootstrap
 interval over the texts as a band; the full cache is a dashed black line in every panel. The
 y axis is logarithmic: eviction can multiply perplexity. The second figure puts each run's
@@ -26,11 +26,11 @@ from capkv.figures.style import (
     budget_display,
     budget_sort_key,
     is_full,
-    method_sort_key,
     method_style,
     safe_name,
 )
-from capkv.perplexity import WHOLE
+from capkv.results.order import method_sort_key
+from capkv.results.perplexity import WHOLE
 
 INTERVALS = "95% bootstrap intervals over the texts"
 

@@ -11,12 +11,12 @@ import math
 import re
 import zlib
 
+from capkv.results.order import FULL
 from capkv.tasks.base import task_reporting
 
-FULL = "full"  # the method (and budget label) of the full cache
 AVERAGE = "average"
 
-# Colour, display name and marker per method.
+# Colour, display name and marker per method, in the tables' order (capkv.results.order).
 METHODS = {
     FULL: ("#000000", "Full cache", ""),
     "capkv": ("#d62728", "CapKV", "o"),
@@ -78,13 +78,6 @@ def safe_name(*parts: object) -> str:
 def is_full(method: str) -> bool:
     """Whether ``method`` is the full cache (no eviction)."""
     return method == FULL
-
-
-def method_sort_key(method: str, variant: str = "") -> tuple[int, str, str]:
-    """The full cache, then CapKV, then the baselines in a fixed order, then any other method;
-    a method's variants after it, by name."""
-    order = list(METHODS)
-    return (order.index(method) if method in order else len(order)), method, variant
 
 
 def method_style(method: str, variant: str = "") -> dict[str, object]:

@@ -10,15 +10,19 @@ import pandas as pd
 
 from capkv.figures.canvas import output
 from capkv.figures.data import for_protocol
-from capkv.figures.style import budget_sort_key, method_sort_key, safe_name, subtask_sort_key
-from capkv.results import interval_markdown, method_label, scored_columns, write_atomically
+from capkv.figures.style import budget_sort_key, safe_name, subtask_sort_key
+from capkv.results.format import interval_markdown
+from capkv.results.order import method_sort_key
+from capkv.results.store import method_label
+from capkv.results.tables import scored_columns
+from capkv.storage.files import write_atomically
 
 INTERVAL = "95% percentile bootstrap interval over the examples, seed 0"
 
 
 def task_table(rows: pd.DataFrame) -> pd.DataFrame:
     """(method, budget, metric) rows, the method shown with its variant
-    (:func:`capkv.results.method_label`); per subtask, then the average (``group``), the mean,
+    (:func:`capkv.results.store.method_label`); per subtask, then the average (``group``), the mean,
     then ``<group> low``, ``<group> high`` and ``<group> n`` (``rows``: from ``intervals.csv``,
     subtask and task levels)."""
     method_key, budget_key = {}, {}

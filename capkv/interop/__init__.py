@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from capkv.engine.method import EvictionMethod
 from capkv.interop.environment import import_kvpress, kvpress_problem
 from capkv.interop.scorers import SUPPORTED_PRESSES, KvpressMethod, press_class_name, short_name
-from capkv.method import EvictionMethod
 
 
 def as_press(

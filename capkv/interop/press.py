@@ -13,11 +13,11 @@ from kvpress import ScorerPress
 from torch import nn
 from transformers import PreTrainedModel
 
-from capkv.budget import Budget
-from capkv.engine import gather_tokens
-from capkv.hooks import attention_layers, rotary_embedding
-from capkv.layer import LayerPrefill
-from capkv.method import EvictionMethod
+from capkv.engine.budget import Budget
+from capkv.engine.compression import gather_tokens
+from capkv.engine.hooks import attention_layers, rotary_embedding
+from capkv.engine.layer import LayerPrefill
+from capkv.engine.method import EvictionMethod
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A kvpress *scorer press* compresses by scoring every cached token and keeping the top ones
 (``ScorerPress.compress``). Its ``score(module, hidden_states, keys, values, attentions,
-kwargs)`` reads nothing but one layer's prefill state, which :class:`capkv.layer.LayerPrefill`
+kwargs)`` reads nothing but one layer's prefill state, which :class:`capkv.engine.layer.LayerPrefill`
 holds, so the press's own ``score`` can rank tokens here, in sweeps too (one prefill for many
 presses and budgets), under both budget conventions and both protocols. The engine then keeps
 the same top-k kvpress keeps (``tests/test_kvpress_scorers.py`` checks every supported press
@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from capkv.budget import Budget
+from capkv.engine.budget import Budget
+from capkv.engine.layer import LayerPrefill
+from capkv.engine.method import EvictionMethod
 from capkv.interop.environment import import_kvpress
-from capkv.layer import LayerPrefill
-from capkv.method import EvictionMethod
 
 # Scorer presses of kvpress 0.5.5 that score from one layer's prefill state alone.
 SUPPORTED_PRESSES = (
@@ -198,7 +198,7 @@ class KvpressMethod(EvictionMethod):
 
     @property
     def streaming_refusal(self) -> str | None:
-        """Why the press cannot compress a growing cache (:mod:`capkv.streaming`), or None."""
+        """Why the press cannot compress a growing cache (:mod:`capkv.engine.streaming`), or None."""
         if self.press in STREAMING_PRESSES:
             return None
         return (

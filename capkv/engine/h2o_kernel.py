@@ -2,7 +2,7 @@
 
 H2O scores each key by the causal softmax attention it receives from every prompt query,
 summed over the queries and over the query heads of its KV head. The PyTorch path
-(:func:`capkv.attention.received_attention`) writes ``chunk x T`` float32 probabilities per
+(:func:`capkv.engine.attention.received_attention`) writes ``chunk x T`` float32 probabilities per
 query head, which on a GPU costs far more memory traffic than the flash prefill itself. Here
 keys and queries are streamed in tiles and nothing larger than a tile is written:
 

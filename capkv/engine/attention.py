@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from capkv.layer import LayerPrefill
+from capkv.engine.layer import LayerPrefill
 
 
 def _future_mask(n_queries: int, device: torch.device) -> torch.Tensor:
@@ -50,9 +50,9 @@ def received_attention(layer: LayerPrefill, query_start: int, query_end: int) ->
 
 @functools.cache
 def _fused_kernel():
-    """:func:`capkv.h2o_kernel.fused_received_attention`, or None (one warning) without Triton."""
+    """:func:`capkv.engine.h2o_kernel.fused_received_attention`, or None (one warning) without Triton."""
     try:
-        from capkv.h2o_kernel import fused_received_attention
+        from capkv.engine.h2o_kernel import fused_received_attention
     except ImportError as error:
         logging.getLogger(__name__).warning(
             "Triton is not importable (%s): H2O scores on CUDA fall back to the chunked PyTorch "
@@ -79,7 +79,7 @@ def accumulated_attention(
     chunk : int
         Queries per chunk of the PyTorch path (memory ``chunk x T`` per query head).
     fused : bool, optional
-        True: the Triton kernel of :mod:`capkv.h2o_kernel` (memory ``O(T)`` per head); False:
+        True: the Triton kernel of :mod:`capkv.engine.h2o_kernel` (memory ``O(T)`` per head); False:
         the chunked PyTorch path. None (default): the kernel on CUDA when Triton imports and
         every query is new, the chunked path otherwise.
 

@@ -6,7 +6,7 @@ reference line) and writes ``<plots>/leaderboard.md`` and ``leaderboard.png`` an
 methods from best to worst, one column per budget and their mean; the figure also draws each
 budget's 95% bootstrap interval (``main_table.csv``'s ``<column> low`` and ``high``).
 
-    python -m capkv.leaderboard results/kvpress_leaderboard plots/kvpress_leaderboard
+    python -m capkv.figures.leaderboard results/kvpress_leaderboard plots/kvpress_leaderboard
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from matplotlib.figure import Figure
 
 from capkv.figures.canvas import legend_and_title, new_figure, panel_grid, render
 from capkv.figures.style import budget_display, budget_sort_key
-from capkv.results import markdown, scored_columns, write_atomically
+from capkv.results.format import markdown
+from capkv.results.tables import scored_columns
+from capkv.storage.files import write_atomically
 
 FULL = "full"
 MEAN = "mean"

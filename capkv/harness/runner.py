@@ -15,26 +15,20 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 from transformers import Cache, DynamicCache, PreTrainedModel
 
-from capkv.budget import Budget
-from capkv.decoding import greedy_generate
-from capkv.engine import CompressionRecord, evict
-from capkv.hooks import run_with_cache
-from capkv.locking import FileLock, LockHeld, locked
-from capkv.method import EvictionMethod
-from capkv.prompting import PromptIds, prompt_overhead, tokenize_prompt
-from capkv.results import (
-    CONFIG,
-    ExampleLog,
-    finished_rows,
-    read_rows,
-    stored_config,
-    write_atomically,
-    write_metrics,
-)
-from capkv.shards import UNSHARDED, Shard, select_shard
-from capkv.streaming import StreamSettings, streamed
+from capkv.engine.budget import Budget
+from capkv.engine.compression import CompressionRecord, evict
+from capkv.engine.decoding import greedy_generate
+from capkv.engine.hooks import run_with_cache
+from capkv.engine.method import EvictionMethod
+from capkv.engine.streaming import StreamSettings, streamed
+from capkv.harness.shards import UNSHARDED, Shard, select_shard
+from capkv.results.metrics import write_metrics
+from capkv.results.store import CONFIG, ExampleLog, finished_rows, read_rows, stored_config
+from capkv.storage.files import write_atomically
+from capkv.storage.locking import FileLock, LockHeld, locked
 from capkv.tasks.base import Example, Reporting, Task, task_reporting
 from capkv.tasks.common import prompt_limit
+from capkv.tasks.prompting import PromptIds, prompt_overhead, tokenize_prompt
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +100,7 @@ def generate_one(
 ) -> tuple[str, CompressionRecord]:
     """Prefill with eviction under ``protocol``, then decode greedily; with active ``stream``
     settings the prompt is read in chunks and generation compressed as it goes
-    (:mod:`capkv.streaming`)."""
+    (:mod:`capkv.engine.streaming`)."""
     cache = DynamicCache()
     if stream is not None and stream.active:
         with streamed(model, method, budget, settings=stream) as streamer:
@@ -320,6 +314,7 @@ class RunLog:
         self.shard = shard
         self.config = config
         self.rows: list[dict[str, Any]] = []
+        self.own_rows: list[dict[str, Any]] = []  # this shard's file, read once at the start
         self.done: set[str] = set()
         self.example_ids: list[str] | None = None
         # How the task reports its scores, saved in metrics.json (asked before any work).
@@ -338,14 +333,20 @@ class RunLog:
         if self.config is not None:
             with locked(self.run_dir / CELL_LOCK):
                 write_config(self.run_dir, self.config)
-        self.rows = finished_rows(self.run_dir)
+        self.own_rows = read_rows(self.rows_path)
+        self.rows = finished_rows(self.run_dir, known={self.rows_path: self.own_rows})
         self.done = {row["example_id"] for row in self.rows}
+
+    @property
+    def rows_path(self) -> Path:
+        """This shard's rows file."""
+        return self.run_dir / self.shard.rows_file
 
     def append(self, row: dict[str, Any]) -> None:
         if self._log is None:
-            path = self.run_dir / self.shard.rows_file
-            self._log = ExampleLog(path, read_rows(path))
+            self._log = ExampleLog(self.rows_path, self.own_rows)
         self._log.append(row)
+        self.own_rows.append(row)
         self.rows.append(row)
         self.done.add(row["example_id"])
 
@@ -358,7 +359,9 @@ class RunLog:
             return {}
         try:
             with locked(self.run_dir / CELL_LOCK):
-                self.rows = finished_rows(self.run_dir, order=self.example_ids)
+                # Only the other shards' files are read again: they may have grown meanwhile.
+                known = {self.rows_path: self.own_rows}
+                self.rows = finished_rows(self.run_dir, order=self.example_ids, known=known)
                 if not self.rows:
                     return {}
                 return write_metrics(
@@ -385,7 +388,7 @@ class Cell:
     budget : Budget or None
         What it keeps; None for a method that does not evict.
     run_dir : Path
-        The cell's folder (:func:`capkv.results.run_directory`).
+        The cell's folder (:func:`capkv.results.store.run_directory`).
     identity : dict
         What ``metrics.json`` says the cell is (model, task, method, budget, protocol).
     shard : Shard

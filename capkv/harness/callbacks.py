@@ -9,7 +9,7 @@ overrides, its results folder and its error, if any), which the shared filesyste
   is recorded as failed; it is handed back to Hydra as finished, so the multirun goes on with
   the other jobs instead of stopping at the first failure;
 - ``on_multirun_end`` (in the process that started the multirun): the tables of every results
-  folder the jobs wrote are rebuilt once (:func:`capkv.results.aggregate`), then a summary names
+  folder the jobs wrote are rebuilt once (:func:`capkv.results.tables.aggregate`), then a summary names
   the jobs that failed, and the multirun exits with status 1 if any did.
 """
 
@@ -27,9 +27,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from capkv.cluster import JobStopped
-from capkv.errors import explain, one_sentence
-from capkv.results import aggregate, write_atomically
+from capkv.harness.cluster import JobStopped
+from capkv.harness.errors import explain, one_sentence
+from capkv.results.tables import aggregate
+from capkv.storage.files import write_atomically
 
 JOB_FILE = "job.json"
 TRACEBACK_FILE = "traceback.txt"
@@ -44,7 +45,7 @@ class JobFailed:
 
 def one_line(error: BaseException) -> str:
     """A failed job's error as one line: the sentence a single run would print for bad input
-    (:func:`capkv.errors.explain`), else the error's type and message (its traceback is saved
+    (:func:`capkv.harness.errors.explain`), else the error's type and message (its traceback is saved
     beside the job's output)."""
     message = str(error) if isinstance(error, JobStopped) else explain(error)
     if message is None:

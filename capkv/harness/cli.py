@@ -14,21 +14,13 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as transformers_logging
 
-from capkv.budget import Budget
-from capkv.cluster import check_launcher, launcher_choice, prepare_job
-from capkv.engine import resolve_budget
-from capkv.hooks import library_versions
-from capkv.interop import press_class_name
-from capkv.locking import is_held
-from capkv.method import EvictionMethod
-from capkv.results import (
-    aggregate,
-    identity_directory,
-    markdown,
-    method_label,
-    run_identity,
-)
-from capkv.runner import (
+from capkv.engine.budget import Budget
+from capkv.engine.compression import resolve_budget
+from capkv.engine.hooks import library_versions
+from capkv.engine.method import EvictionMethod
+from capkv.engine.streaming import StreamSettings, check_streamable
+from capkv.harness.cluster import check_launcher, launcher_choice, prepare_job
+from capkv.harness.runner import (
     Cell,
     CellBusy,
     busy_message,
@@ -37,15 +29,19 @@ from capkv.runner import (
     run_cell,
     shard_lock_path,
 )
-from capkv.shards import Shard
-from capkv.streaming import StreamSettings, check_streamable
-from capkv.sweep import run_sweep
+from capkv.harness.shards import Shard
+from capkv.harness.sweep import run_sweep
+from capkv.harness.validation import check_allocation, check_config
+from capkv.interop import press_class_name
+from capkv.results.format import markdown
+from capkv.results.store import identity_directory, method_label, run_identity
+from capkv.results.tables import aggregate
+from capkv.storage.locking import is_held
 from capkv.tasks.base import capped
-from capkv.validation import check_allocation, check_config
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ("model", "method", "task", "experiment")
 SWEEP_KEYS = ("methods", "budgets", "ratios")
 SHARD_KEYS = ("shards", "shard")  # which examples a process runs, not what a cell holds
@@ -255,7 +251,9 @@ def run_from_config(cfg: DictConfig) -> list[dict[str, Any]]:
         )
     else:
         all_metrics = [run_cell(model, tokenizer, task, cell, cfg.protocol) for cell in cells]
-    if not in_multirun():  # a multirun rebuilds the tables once, at its end (capkv.callbacks)
+    if (
+        not in_multirun()
+    ):  # a multirun rebuilds the tables once, at its end (capkv.harness.callbacks)
         aggregate(Path(to_absolute_path(cfg.results_dir)))
     for cell, metrics in zip(cells, all_metrics, strict=True):
         if metrics:

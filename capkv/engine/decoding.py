@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
 
-from capkv.allocation import is_ragged, kept_mask
-from capkv.hooks import (
+from capkv.engine.allocation import is_ragged, kept_mask
+from capkv.engine.hooks import (
     attention_layers,
     forward_hooks,
     hidden_states_of,

@@ -5,13 +5,13 @@ A row of :class:`capkv.tasks.perplexity.PerplexityTask` holds the negative log-l
 nats) of every scored token of one text, summed overall and per position bucket, with the
 counts. Perplexity is ``exp`` of the mean NLL per token: lower is better and it has no upper
 bound, so it stays out of the tables built for scores in [0, 1] (the main table, its average,
-``intervals.csv`` and the paired comparisons, :func:`capkv.results.ranked_runs`) and gets its
+``intervals.csv`` and the paired comparisons, :func:`capkv.results.metrics.ranked_runs`) and gets its
 own, ``perplexity.csv|md`` (:func:`perplexity_table`), beside a figure of perplexity against
 position (:mod:`capkv.figures.perplexity`):
 
 - per run and position bucket (``all``: the whole text), the perplexity pooled over the texts
   with its 95% interval: the percentile bootstrap interval of the mean NLL over the texts
-  (:mod:`capkv.uncertainty`), through ``exp`` (the texts have equal lengths, so the mean of their
+  (:mod:`capkv.results.uncertainty`), through ``exp`` (the texts have equal lengths, so the mean of their
   mean NLLs is the pooled one);
 - its ratio to the full cache's perplexity on the same texts, ``exp`` of the paired mean NLL
   difference, with its paired interval and sign-flip p-value (above 1: worse than the full
@@ -22,101 +22,23 @@ position (:mod:`capkv.figures.perplexity`):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from capkv.results import (
-    IDENTITY_KEYS,
-    finished_rows,
-    markdown,
-    method_label,
-    with_identity_types,
-)
-from capkv.uncertainty import CONFIDENCE, RESAMPLES, SEED, compare, mean_interval
+from capkv.results.format import markdown, with_identity_types
+from capkv.results.metrics import is_perplexity
+from capkv.results.store import IDENTITY_KEYS, finished_rows, method_label
+from capkv.results.uncertainty import CONFIDENCE, RESAMPLES, SEED, compare, mean_interval
+from capkv.tasks.perplexity import bucket_label
 
-BENCHMARK = "perplexity"  # the Reporting benchmark of a reading task scored by perplexity
-HEADLINE = "perplexity"
 WHOLE = "all"  # the position bucket of the whole text
 FULL = "full"
 
 # position bucket -> example id -> mean NLL per token (nats)
 TextNll = dict[str, dict[str, float]]
-
-
-def bucket_label(start: int, end: int) -> str:
-    """``0-1024``: the token positions ``start`` to ``end - 1`` of a text."""
-    return f"{start}-{end}"
-
-
-def text_fields(nll: Sequence[float], bucket: int) -> dict[str, Any]:
-    """The row fields of one text: its scores and NLL sums, overall and per position bucket.
-
-    Parameters
-    ----------
-    nll : sequence of float
-        NLL (nats) of the tokens at positions ``1 .. T-1`` of a ``T``-token text (position 0,
-        the first token, has nothing before it to be predicted from).
-    bucket : int
-        Positions per bucket: bucket ``k`` scores the tokens at positions ``k * bucket`` to
-        ``(k + 1) * bucket - 1`` (with ``bucket=1``, position 0's bucket scores nothing and is
-        left out).
-
-    Returns
-    -------
-    dict
-        ``scores`` (``perplexity`` of the whole text first, then ``perplexity <start>-<end>``
-        per bucket), ``nll_sum`` and ``scored_tokens``, and per bucket ``bucket_starts``,
-        ``bucket_ends``, ``bucket_nll_sums`` and ``bucket_tokens``.
-    """
-    values = [float(value) for value in nll]
-    length = len(values) + 1
-    starts = [start for start in range(0, length, bucket) if start + bucket > 1]  # scores a token
-    ends = [min(start + bucket, length) for start in starts]
-    sums = [
-        math.fsum(values[max(start, 1) - 1 : end - 1])
-        for start, end in zip(starts, ends, strict=True)
-    ]
-    counts = [end - max(start, 1) for start, end in zip(starts, ends, strict=True)]
-    total = math.fsum(values)
-    scores = {HEADLINE: perplexity(total, len(values))}
-    for start, end, nll_sum, count in zip(starts, ends, sums, counts, strict=True):
-        scores[f"{HEADLINE} {bucket_label(start, end)}"] = perplexity(nll_sum, count)
-    return {
-        "scores": scores,
-        "nll_sum": total,
-        "scored_tokens": len(values),
-        "bucket_starts": starts,
-        "bucket_ends": ends,
-        "bucket_nll_sums": sums,
-        "bucket_tokens": counts,
-    }
-
-
-def perplexity(nll_sum: float, tokens: int) -> float:
-    """``exp`` of the mean NLL per token (NaN for no token)."""
-    return math.exp(nll_sum / tokens) if tokens else math.nan
-
-
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """What ``metrics.json`` holds for a perplexity run: every score pooled over the texts
-    (``exp`` of the summed NLL over the summed tokens, overall and per bucket), not x 100.
-
-    The texts of a run share their length and buckets (its settings are fixed per folder).
-    """
-    nll_sum = math.fsum(row["nll_sum"] for row in rows)
-    scores = {HEADLINE: perplexity(nll_sum, sum(row["scored_tokens"] for row in rows))}
-    first = rows[0]
-    for k, (start, end) in enumerate(
-        zip(first["bucket_starts"], first["bucket_ends"], strict=True)
-    ):
-        bucket_sum = math.fsum(row["bucket_nll_sums"][k] for row in rows)
-        tokens = sum(row["bucket_tokens"][k] for row in rows)
-        scores[f"{HEADLINE} {bucket_label(start, end)}"] = perplexity(bucket_sum, tokens)
-    return {"n_examples": len(rows), "scores": scores, "subtasks": {}}
 
 
 def text_nll(rows: list[dict[str, Any]]) -> TextNll:
@@ -143,11 +65,6 @@ def peak_tokens(rows: list[dict[str, Any]]) -> float:
     """The most tokens any KV head held at once over a run's texts (NaN when not recorded)."""
     peaks = [max(row["peak_tokens_per_layer"]) for row in rows if row.get("peak_tokens_per_layer")]
     return float(max(peaks)) if peaks else math.nan
-
-
-def is_perplexity(metrics: dict[str, Any]) -> bool:
-    """Whether a run's ``metrics.json`` holds perplexities (its task's reporting says so)."""
-    return metrics.get("benchmark") == BENCHMARK
 
 
 def full_reference(metrics: dict[str, Any], runs: dict[Path, dict[str, Any]]) -> Path | None:
@@ -215,7 +132,7 @@ def run_order(metrics: dict[str, Any]) -> tuple:
 
 def perplexity_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
     """One row per perplexity run and position bucket (the whole text first), from the run
-    folders (``runs``: :func:`capkv.results.load_metrics`): texts, scored tokens, the peak,
+    folders (``runs``: :func:`capkv.results.metrics.load_metrics`): texts, scored tokens, the peak,
     mean NLL, perplexity with its interval, and the ratio to the full cache's."""
     reading = {path: m for path, m in runs.items() if is_perplexity(m)}
     rows = {path: finished_rows(path.parent) for path in reading}

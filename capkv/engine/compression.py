@@ -2,7 +2,7 @@
 
 Inside ``with evict(model, method, budget=512):`` a prefill into an empty ``DynamicCache``
 leaves every layer's cache compressed; decoding inside the context (``model.generate`` or
-:func:`capkv.decoding.greedy_generate`) continues at the original positions. Outside it the
+:func:`capkv.engine.decoding.greedy_generate`) continues at the original positions. Outside it the
 model is exactly as before: the hooks are removed.
 """
 
@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
 
-from capkv.allocation import kept_mask
-from capkv.budget import Budget
-from capkv.decoding import check_head_masking, per_layer_masks, set_head_mask
-from capkv.hooks import (
+from capkv.engine.allocation import kept_mask
+from capkv.engine.budget import Budget
+from capkv.engine.decoding import check_head_masking, per_layer_masks, set_head_mask
+from capkv.engine.hooks import (
     attention_layers,
     decoder,
     forward_hooks,
@@ -29,8 +29,8 @@ from capkv.hooks import (
     position_embeddings,
     rotary_embedding,
 )
-from capkv.layer import LayerPrefill
-from capkv.method import EvictionMethod
+from capkv.engine.layer import LayerPrefill
+from capkv.engine.method import EvictionMethod
 from capkv.models import check_supported
 
 

@@ -18,7 +18,7 @@ scores both. This module measures, on real prefill states:
   the optimum.
 
 Capacities use CapKV's relevance weights with its default hyperparameters and are averaged over
-the query heads of each KV head, as in :mod:`capkv.diagnostics`.
+the query heads of each KV head, as in :mod:`capkv.analysis.diagnostics`.
 
 Reductions (each a test in ``tests/test_unification.py``):
 
@@ -48,8 +48,8 @@ import torch
 
 from capkv.cap import CapKV
 from capkv.capacity import log_det_capacity
-from capkv.layer import LayerPrefill
-from capkv.method import EvictionMethod
+from capkv.engine.layer import LayerPrefill
+from capkv.engine.method import EvictionMethod
 
 REFERENCES = ("removal_cost", "relevance", "relevance_norm", "leverage")
 # Multiply-adds per second of the greedy selection on this project's 2-core CPU, rounded down from
@@ -168,7 +168,7 @@ def check_greedy_cost(seconds: float, limit_minutes: float) -> None:
 
 @dataclass
 class UnificationProbe:
-    """``on_layer`` callback of :func:`capkv.engine.record_kept`: per layer, rank agreement of
+    """``on_layer`` callback of :func:`capkv.engine.compression.record_kept`: per layer, rank agreement of
     every method with the references, and every cell's capacity against greedy selection.
 
     Parameters

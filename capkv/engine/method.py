@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import torch
 
-from capkv.allocation import ALLOCATIONS, head_floor, padded_indices, pooled_selection
-from capkv.budget import Budget
-from capkv.layer import LayerPrefill, StreamMemory
+from capkv.engine.allocation import ALLOCATIONS, head_floor, padded_indices, pooled_selection
+from capkv.engine.budget import Budget
+from capkv.engine.layer import LayerPrefill, StreamMemory
 
 
 @dataclass
@@ -31,7 +31,7 @@ class EvictionMethod:
     allocation : str
         ``uniform``: every KV head of a layer keeps the same number ``n`` of tokens.
         ``adaptive`` (Ada-KV, arXiv 2407.11550): the layer's ``H_kv x n`` tokens go to the best
-        scores of all its KV heads together (:mod:`capkv.allocation`), for methods whose scores
+        scores of all its KV heads together (:mod:`capkv.engine.allocation`), for methods whose scores
         are comparable across heads (:attr:`comparable_across_heads` says why they are).
         ``model``: one pool over every layer's heads, for methods whose scores are comparable
         across layers too (CapKV).
@@ -87,7 +87,7 @@ class EvictionMethod:
 
     def remember(self, layer: LayerPrefill, scores: torch.Tensor) -> StreamMemory:
         """What the layer's next compression in streaming mode reads of this one
-        (:attr:`LayerPrefill.memory`; :mod:`capkv.streaming`): nothing by default. ``scores``
+        (:attr:`LayerPrefill.memory`; :mod:`capkv.engine.streaming`): nothing by default. ``scores``
         are this compression's :meth:`score`."""
         return StreamMemory()
 
@@ -140,7 +140,7 @@ class EvictionMethod:
 
         ``scores`` may be passed when they were computed already (one score, many budgets).
         Under ``allocation=adaptive`` the KV heads keep different numbers of tokens: the rows
-        are padded with ``-1`` to the largest head (:func:`capkv.allocation.padded_indices`).
+        are padded with ``-1`` to the largest head (:func:`capkv.engine.allocation.padded_indices`).
         """
         n_kept = self.kept_count(layer, budget)
         if n_kept is None:

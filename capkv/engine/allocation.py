@@ -6,7 +6,7 @@ tokens go to the best scores of all its KV heads together, each head keeping at 
 ``floor x n`` tokens and its protected ones; under ``allocation=model`` (CapKV only, whose scores
 are in nats in every layer) one pool holds every layer's heads. Heads then keep different numbers
 of tokens: a layer's kept indices are padded to its largest head with ``-1``
-(:data:`PADDING`), and decoding masks each head's padding (:mod:`capkv.decoding`).
+(:data:`PADDING`), and decoding masks each head's padding (:mod:`capkv.engine.decoding`).
 """
 
 from __future__ import annotations

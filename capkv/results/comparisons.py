@@ -1,7 +1,7 @@
 """Every headline with its uncertainty, from the run folders' per-example rows.
 
-Two tables that :func:`capkv.results.aggregate` writes beside the others, with the statistics of
-:mod:`capkv.uncertainty` (stratified percentile bootstrap, fixed seed; paired bootstrap and
+Two tables that :func:`capkv.results.tables.aggregate` writes beside the others, with the statistics of
+:mod:`capkv.results.uncertainty` (stratified percentile bootstrap, fixed seed; paired bootstrap and
 sign-flip test):
 
 - ``intervals.csv``: per run, metric and level (``task``: the headline, the mean over subtasks;
@@ -28,16 +28,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from capkv.results import (
-    IDENTITY_KEYS,
-    finished_rows,
-    markdown,
-    method_label,
-    run_reporting,
-    stored_config,
-    with_interval,
-)
-from capkv.uncertainty import (
+from capkv.results.format import markdown, with_interval
+from capkv.results.metrics import run_reporting
+from capkv.results.store import IDENTITY_KEYS, finished_rows, method_label, stored_config
+from capkv.results.uncertainty import (
     CONFIDENCE,
     RESAMPLES,
     SEED,
@@ -95,7 +89,7 @@ def in_id_order(by_id: dict[str, float]) -> list[float]:
 
 def interval_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
     """One row per run, metric and level: ``n``, ``mean``, ``low`` and ``high`` (from
-    :func:`capkv.results.load_metrics`)."""
+    :func:`capkv.results.metrics.load_metrics`)."""
     records = []
     for path, metrics in runs.items():
         identity = {key: metrics[key] for key in IDENTITY_KEYS}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-LAUNCHER_DIR = Path(__file__).resolve().parent.parent / "conf" / "hydra" / "launcher"
+LAUNCHER_DIR = Path(__file__).resolve().parents[2] / "conf" / "hydra" / "launcher"
 BUILT_IN = ("basic",)
 SUBMITIT = ("submitit_local", "submitit_slurm")
 SLURM = ("slurm", "submitit_slurm")

@@ -1,7 +1,7 @@
 """One prefill per example for a whole sweep of (method, budget) cells.
 
 Prefill-time eviction does not change the prefill's hidden states, so a single prefill with
-every method's scoring decides the kept tokens of every cell (:func:`capkv.engine.record_kept`).
+every method's scoring decides the kept tokens of every cell (:func:`capkv.engine.compression.record_kept`).
 Each cell then decodes from its own cache, gathered from the one full cache, and writes the
 same rows into the same run directory as a separate run of that cell would. Memory holds one
 full cache, the kept indices of every cell, and the cache of the cell being decoded.
@@ -12,7 +12,7 @@ in every linear layer, padded softmax rows), so a greedy token at a near-tie cou
 the separate run's, and there the sweep gives exactly the separate runs' outputs. On a GPU,
 decoding one cell at a time leaves the device idle (batch 1 is bound by per-step overhead), so
 by default the cells of an example decode together (``decode_batch``,
-:func:`capkv.decoding.batched_greedy_generate`): their caches padded per layer and masked, in
+:func:`capkv.engine.decoding.batched_greedy_generate`): their caches padded per layer and masked, in
 groups whose padding stays below half their real tokens, each row leaving its batch when it
 stops. Memory then holds the caches of a whole group at once.
 """
@@ -27,11 +27,10 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
-from capkv.decoding import batched_greedy_generate, check_batchable
-from capkv.diagnostics import CapacityProbe, attention_errors, decoding_queries
-from capkv.engine import CompressionRecord, gathered_cache, record_kept
-from capkv.prompting import PromptIds
-from capkv.runner import (
+from capkv.analysis.diagnostics import CapacityProbe, attention_errors, decoding_queries
+from capkv.engine.compression import CompressionRecord, gathered_cache, record_kept
+from capkv.engine.decoding import batched_greedy_generate, check_batchable
+from capkv.harness.runner import (
     Cell,
     check_protocol,
     decode,
@@ -43,6 +42,7 @@ from capkv.runner import (
     stop_token_ids,
 )
 from capkv.tasks.base import Task
+from capkv.tasks.prompting import PromptIds
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def decode_together(
     last_logits: torch.Tensor,
     max_new_tokens: int,
 ) -> list[str]:
-    """:func:`capkv.runner.decode` for several caches of one prompt, as one batch."""
+    """:func:`capkv.harness.runner.decode` for several caches of one prompt, as one batch."""
     start, fed = decoding_start(prompt, protocol, last_logits)
     stops = stop_token_ids(model, tokenizer)
     generated = batched_greedy_generate(model, caches, start, max_new_tokens, stops, **fed)
@@ -122,7 +122,7 @@ def decode_alone(
     last_logits: torch.Tensor,
     max_new_tokens: int,
 ) -> list[str]:
-    """:func:`capkv.runner.decode` of the one cache in ``caches`` (a group of one)."""
+    """:func:`capkv.harness.runner.decode` of the one cache in ``caches`` (a group of one)."""
     (cache,) = caches
     return [decode(model, tokenizer, cache, prompt, protocol, last_logits, max_new_tokens)]
 
@@ -155,7 +155,7 @@ def run_sweep(
     those cells decodes from its gathered cache (one by one, or with ``decode_batch`` in padded
     batches; None: batched on CUDA only) and appends its row. With ``diagnostics``, each
     row also holds the retained capacity fraction and the attention-output error of its kept
-    set (:mod:`capkv.diagnostics`). The cells' logs name one shard of examples (all of them
+    set (:mod:`capkv.analysis.diagnostics`). The cells' logs name one shard of examples (all of them
     by default); only its examples run, each for every cell.
     """
     check_protocol(protocol)

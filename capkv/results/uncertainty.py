@@ -4,7 +4,7 @@ A task's headline is a mean of per-example scores, possibly through strata: Long
 over datasets and RULER over subtasks, each dataset's mean over its own examples, so a dataset
 with few examples weighs as much as one with many. Every function here respects that structure:
 examples are resampled within their stratum and the statistic is the mean of the stratum means,
-exactly as the headline is computed (:func:`capkv.results.summarize`). A task without strata is
+exactly as the headline is computed (:func:`capkv.results.metrics.summarize`). A task without strata is
 one stratum.
 
 Intervals are percentile bootstraps (Efron and Tibshirani 1993, ch. 13) with a fixed seed, so a

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from transformers import Cache, PreTrainedModel
 
-from capkv.allocation import kept_mask
 from capkv.cap import CapKV
 from capkv.capacity import log_det_capacity
-from capkv.engine import CompressionRecord, gather_tokens
-from capkv.hooks import (
+from capkv.engine.allocation import kept_mask
+from capkv.engine.compression import CompressionRecord, gather_tokens
+from capkv.engine.hooks import (
     attention_layers,
     crop_cache,
     forward_hooks,
@@ -34,14 +34,14 @@ from capkv.hooks import (
     position_embeddings,
     run_with_cache,
 )
-from capkv.layer import LayerPrefill, StreamMemory, apply_rope, project_queries
+from capkv.engine.layer import LayerPrefill, StreamMemory, apply_rope, project_queries
 
 
 class CapacityProbe:
     """Accumulates each cell's retained capacity fraction, layer by layer, during a prefill.
 
-    Pass :meth:`on_layer` as the ``on_layer`` callback of :func:`capkv.engine.record_kept`; in
-    streaming mode :class:`capkv.streaming.Streamer` calls :meth:`on_compression` instead.
+    Pass :meth:`on_layer` as the ``on_layer`` callback of :func:`capkv.engine.compression.record_kept`; in
+    streaming mode :class:`capkv.engine.streaming.Streamer` calls :meth:`on_compression` instead.
     """
 
     def __init__(self, n_cells: int, reference: CapKV | None = None) -> None:

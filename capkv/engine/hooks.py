@@ -48,7 +48,7 @@ def library_versions() -> dict[str, str]:
 def mismatch(problem: str, remedy: str = "") -> TransformersMismatch:
     """An error naming what went wrong, the installed transformers and the tested releases."""
     remedy = remedy or (
-        "install a tested transformers release, or teach capkv/hooks.py this release's "
+        "install a tested transformers release, or teach capkv/engine/hooks.py this release's "
         "argument names"
     )
     return TransformersMismatch(
@@ -94,7 +94,7 @@ def layer_cache(module: nn.Module, kwargs: dict) -> Cache:
         f"Attention layer {module.layer_idx} got no KV cache (its arguments: "
         f"{', '.join(sorted(kwargs))}), so no cache could be compressed",
         "run the model with a DynamicCache and use_cache left on; if you did, install a tested "
-        "transformers release, or teach capkv/hooks.py this release's argument names",
+        "transformers release, or teach capkv/engine/hooks.py this release's argument names",
     )
 
 

@@ -2,10 +2,10 @@
 
 For a few prompts (an essay excerpt and a request for a long continuation or summary), every
 method and budget generates a greedy continuation of a fixed number of tokens with the cache
-bounded throughout (:mod:`capkv.streaming`: the prompt read in chunks of ``chunk`` tokens, the
+bounded throughout (:mod:`capkv.engine.streaming`: the prompt read in chunks of ``chunk`` tokens, the
 cache compressed after each chunk and every ``compress_every`` generated tokens). Each
 continuation is compared with the full cache's continuation of the same prompt
-(:mod:`capkv.continuations`): the tokens identical before the first divergence, and ROUGE-L on
+(:mod:`capkv.analysis.continuations`): the tokens identical before the first divergence, and ROUGE-L on
 tokens. Generation does not stop at an end-of-sequence token, so every continuation has the same
 length.
 
@@ -28,13 +28,15 @@ import pandas as pd
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from capkv.budget import Budget
-from capkv.continuations import first_divergence, rouge_l
-from capkv.decoding import greedy_generate
-from capkv.figures.style import method_sort_key
-from capkv.method import EvictionMethod
-from capkv.results import ExampleLog, markdown, read_rows, write_atomically
-from capkv.streaming import StreamRecord, StreamSettings, check_positions, streamed
+from capkv.analysis.continuations import first_divergence, rouge_l
+from capkv.engine.budget import Budget
+from capkv.engine.decoding import greedy_generate
+from capkv.engine.method import EvictionMethod
+from capkv.engine.streaming import StreamRecord, StreamSettings, check_positions, streamed
+from capkv.results.format import markdown
+from capkv.results.order import method_sort_key
+from capkv.results.store import ExampleLog, read_rows
+from capkv.storage.files import write_atomically
 from capkv.tasks.haystack import build_haystack, essay_files
 
 ROWS = "long_generation_rows.jsonl"
@@ -177,7 +179,7 @@ def generate_bounded(
     new_tokens: int,
 ) -> BoundedGeneration:
     """Read ``input_ids`` (1, T) and generate exactly ``new_tokens`` greedy tokens inside
-    :func:`capkv.streaming.streamed` (no stop token), timing the two phases apart.
+    :func:`capkv.engine.streaming.streamed` (no stop token), timing the two phases apart.
 
     ``budget`` None for the full cache, which reads the prompt in the same chunks.
     """

@@ -21,10 +21,10 @@ import torch
 from hydra.utils import get_class, instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from capkv.decoding import check_head_masking
-from capkv.method import EvictionMethod
+from capkv.engine.decoding import check_head_masking
+from capkv.engine.method import EvictionMethod
+from capkv.harness.runner import check_protocol
 from capkv.models.support import resolve_attn_implementation
-from capkv.runner import check_protocol
 
 
 def shown(value: Any) -> str:

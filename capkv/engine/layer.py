@@ -27,7 +27,7 @@ def project_queries(module: nn.Module, hidden_states: torch.Tensor) -> torch.Ten
 @dataclass
 class StreamMemory:
     """What a method carries from one compression of a layer to the next in streaming mode
-    (:mod:`capkv.streaming`): empty at a layer's first compression.
+    (:mod:`capkv.engine.streaming`): empty at a layer's first compression.
 
     Attributes
     ----------
@@ -47,7 +47,7 @@ class LayerPrefill:
     """Everything a method may read about one layer when its cache is compressed.
 
     At the end of a prefill (the paper's setting) the cache holds the whole prompt and every
-    token's hidden states are observed. In streaming mode (:mod:`capkv.streaming`) the cache
+    token's hidden states are observed. In streaming mode (:mod:`capkv.engine.streaming`) the cache
     holds the tokens kept so far followed by the tokens read since the last compression: the
     hidden states are those of the cache's last tokens only (:attr:`hidden_states` covers the
     last ``Q`` cached tokens, the ``new_tokens`` newest of them not yet seen by a compression),

@@ -1,6 +1,6 @@
 """Eviction while the cache grows: a prompt read in chunks and generation under a fixed bound.
 
-Prefill-time eviction (:func:`capkv.engine.evict`) compresses once, after the whole prompt, so
+Prefill-time eviction (:func:`capkv.engine.compression.evict`) compresses once, after the whole prompt, so
 the cache peaks at the full prompt and grows by one token per generated token. Inside
 :func:`streamed` every layer's cache is compressed back to the bound ``N`` after each chunk of
 ``C`` prompt tokens and every ``K`` generated tokens (``compress_every``), so no KV head ever
@@ -8,8 +8,8 @@ holds more than ``N + max(C, K)`` tokens. PyramidKV's layers hold their own budg
 schedule for the tokens read so far (which averages ``N``; the lowest layer keeps up to
 ``2 (N - window) - (N - window) // beta + window``). A compression sees the layer's cache (the tokens kept so far, then the tokens
 read since the last compression) with the hidden states of the newest tokens
-(:class:`capkv.layer.LayerPrefill`), and the method's memory of earlier compressions
-(:meth:`capkv.method.EvictionMethod.remember`). Each method's policy in this setting:
+(:class:`capkv.engine.layer.LayerPrefill`), and the method's memory of earlier compressions
+(:meth:`capkv.engine.method.EvictionMethod.remember`). Each method's policy in this setting:
 
 - StreamingLLM: its sinks and the most recent tokens, a rolling window;
 - H2O: the attention every query read so far paid to each cached token, accumulated online
@@ -32,16 +32,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
 
-from capkv.budget import Budget
-from capkv.decoding import per_layer_masks
-from capkv.diagnostics import CapacityProbe
-from capkv.engine import CompressionRecord, gather_tokens, resolve_budget
-from capkv.hooks import (
+from capkv.engine.budget import Budget
+from capkv.engine.compression import CompressionRecord, gather_tokens, resolve_budget
+from capkv.engine.decoding import per_layer_masks
+from capkv.engine.hooks import (
     attention_layers,
     forward_hooks,
     hidden_states_of,
@@ -50,9 +50,17 @@ from capkv.hooks import (
     rotary_embedding,
     run_with_cache,
 )
-from capkv.layer import LayerPrefill, StreamMemory
-from capkv.method import EvictionMethod
+from capkv.engine.layer import LayerPrefill, StreamMemory
+from capkv.engine.method import EvictionMethod
 from capkv.models import check_supported
+
+
+class CompressionObserver(Protocol):
+    """What watches each compression of a stream (e.g. :class:`capkv.analysis.diagnostics.
+    CapacityProbe`, which measures the capacity each one keeps): told the layer's state and the
+    kept indices, None when the compression evicted nothing."""
+
+    def on_compression(self, state: LayerPrefill, kept: torch.Tensor | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -152,7 +160,7 @@ class Streamer:
         method: EvictionMethod,
         budget: Budget | None,
         settings: StreamSettings,
-        probe: CapacityProbe | None = None,
+        probe: CompressionObserver | None = None,
     ) -> None:
         self.model = model
         self.probe = probe
@@ -294,10 +302,10 @@ def streamed(
     budget: Budget | int | None = None,
     ratio: float | None = None,
     settings: StreamSettings | None = None,
-    probe: CapacityProbe | None = None,
+    probe: CompressionObserver | None = None,
 ) -> Iterator[Streamer]:
     """Streaming eviction: read a prompt with :meth:`Streamer.prefill` and decode inside this
-    context (:func:`capkv.decoding.greedy_generate`), the cache bounded throughout.
+    context (:func:`capkv.engine.decoding.greedy_generate`), the cache bounded throughout.
 
     Parameters
     ----------
@@ -306,13 +314,13 @@ def streamed(
     method : EvictionMethod
         Which tokens to keep; ``allocation=uniform`` only.
     budget, ratio
-        The bound, as for :func:`capkv.engine.evict`: tokens per KV head, or the fraction of the
+        The bound, as for :func:`capkv.engine.compression.evict`: tokens per KV head, or the fraction of the
         prompt removed (fixed once the prompt's length is known).
     settings : StreamSettings
         Chunk of the prompt per forward and generated tokens between compressions.
-    probe : CapacityProbe, optional
+    probe : CompressionObserver, optional
         Measures the capacity fraction every compression retains
-        (:meth:`capkv.diagnostics.CapacityProbe.on_compression`).
+        (:meth:`capkv.analysis.diagnostics.CapacityProbe.on_compression`).
 
     Yields
     ------
@@ -365,7 +373,7 @@ def read_text(
     method: EvictionMethod,
     budget: Budget | None,
     chunk: int,
-    probe: CapacityProbe | None = None,
+    probe: CompressionObserver | None = None,
 ) -> tuple[torch.Tensor, StreamRecord]:
     """Negative log-likelihood of every next token of a text read in chunks under a bound.
 
@@ -381,7 +389,7 @@ def read_text(
         The bound (None for a method that does not evict); a ratio is of ``T``.
     chunk : int
         Tokens per forward; the cache is compressed after each.
-    probe : CapacityProbe, optional
+    probe : CompressionObserver, optional
         Measures the capacity fraction every compression retains.
 
     Returns

@@ -1,0 +1,27 @@
+"""The order methods appear in, in every table and figure: the full cache, CapKV, the baselines,
+the allocations, then any other method by name."""
+
+from __future__ import annotations
+
+FULL = "full"  # the method (and budget label) of the full cache
+METHOD_ORDER = [
+    FULL,
+    "capkv",
+    "snapkv",
+    "pyramidkv",
+    "h2o",
+    "streamingllm",
+    "random",
+    "capkv_adaptive",
+    "capkv_model",
+    "capkv_iterative",
+    "snapkv_adaptive",
+    "pyramidkv_adaptive",
+]
+
+
+def method_sort_key(method: str, variant: str = "") -> tuple[int, str, str]:
+    """The full cache, then CapKV, then the baselines in a fixed order, then any other method;
+    a method's variants after it, by name."""
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return rank, method, variant
