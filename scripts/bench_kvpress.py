@@ -80,16 +80,14 @@ def time_kvpress(model, tokenizer, task, presses) -> tuple[float, dict]:
                 cache = DynamicCache()
                 with torch.inference_mode(), press(model):
                     last_logits = prefill(model, prefill_ids(prompt, PROTOCOL), cache)
-                answers.append(
-                    decode(
-                        model,
-                        tokenizer,
-                        cache,
-                        prompt,
-                        PROTOCOL,
-                        last_logits,
-                        example.max_new_tokens,
-                    )
+                answers += decode(
+                    model,
+                    tokenizer,
+                    [cache],
+                    prompt,
+                    PROTOCOL,
+                    last_logits,
+                    example.max_new_tokens,
                 )
             predictions[press_name, ratio] = answers
     return time.perf_counter() - start, predictions

@@ -110,7 +110,13 @@ def time_kvpress(model, eager_model, tokenizer, task) -> float:
                 with torch.inference_mode(), press(runner):
                     last_logits = prefill(runner, prefill_ids(prompt, PROTOCOL), cache)
                 decode(
-                    runner, tokenizer, cache, prompt, PROTOCOL, last_logits, example.max_new_tokens
+                    runner,
+                    tokenizer,
+                    [cache],
+                    prompt,
+                    PROTOCOL,
+                    last_logits,
+                    example.max_new_tokens,
                 )
     return time.perf_counter() - start
 

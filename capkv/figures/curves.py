@@ -22,6 +22,7 @@ from capkv.figures.style import (
     FULL,
     budget_kind,
     budget_x,
+    draw_band,
     is_full,
     method_style,
     panel_sort_key,
@@ -71,15 +72,7 @@ def draw_curves(ax: Axes, rows: pd.DataFrame) -> None:
             continue
         points = method_rows.sort_values("x")
         ax.plot(points["x"], points["score"], **style)
-        ax.fill_between(
-            points["x"],
-            points["low"],
-            points["high"],
-            color=style["color"],
-            alpha=0.25 if method == "capkv" else 0.12,
-            linewidth=0,
-            zorder=style["zorder"] - 1,
-        )
+        draw_band(ax, points["x"], points["low"], points["high"], method, style)
         if len(points) == 1:  # a band needs two budgets: one budget's interval as a whisker
             whisker = [points["score"] - points["low"], points["high"] - points["score"]]
             ax.errorbar(points["x"], points["score"], yerr=whisker, color=style["color"],

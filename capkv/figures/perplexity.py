@@ -25,6 +25,7 @@ from capkv.figures.data import for_protocol
 from capkv.figures.style import (
     budget_display,
     budget_sort_key,
+    draw_band,
     is_full,
     method_style,
     safe_name,
@@ -49,15 +50,7 @@ def draw_lines(ax: Axes, rows: pd.DataFrame) -> None:
         if len(points) == 1 and not style["marker"]:  # a text of one bucket: no line to draw
             style |= {"marker": "_", "markersize": 16}
         ax.plot(middle, points["perplexity"], **style)
-        ax.fill_between(
-            middle,
-            points["low"],
-            points["high"],
-            color=style["color"],
-            alpha=0.2 if method == "capkv" else 0.1,
-            linewidth=0,
-            zorder=style["zorder"] - 1,
-        )
+        draw_band(ax, middle, points["low"], points["high"], method, style)
 
 
 def format_perplexity_axis(ax: Axes, rows: pd.DataFrame) -> None:

@@ -17,7 +17,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 
 from capkv.engine.budget import Budget
 from capkv.engine.compression import CompressionRecord, evict
-from capkv.engine.decoding import greedy_generate
+from capkv.engine.decoding import batched_greedy_generate, greedy_generate
 from capkv.engine.hooks import run_with_cache
 from capkv.engine.method import EvictionMethod
 from capkv.engine.streaming import StreamSettings, streamed
@@ -64,17 +64,24 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache) -> to
 def decode(
     model: PreTrainedModel,
     tokenizer: Any,
-    cache: Cache,
+    caches: list[Cache],
     prompt: PromptIds,
     protocol: str,
     last_logits: torch.Tensor,
     max_new_tokens: int,
-) -> str:
-    """Greedy answer from a prefilled (compressed) cache, under ``protocol``."""
+    batched: bool = False,
+) -> list[str]:
+    """Greedy answers from prefilled (compressed) caches of one prompt, under ``protocol``: one
+    by one, or with ``batched`` as one padded batch (sweep mode's ``decode_batch``)."""
     start, fed = decoding_start(prompt, protocol, last_logits)
     stops = stop_token_ids(model, tokenizer)
-    tokens = greedy_generate(model, cache, start, max_new_tokens, stops, **fed)
-    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    if batched and len(caches) > 1:
+        generated = batched_greedy_generate(model, caches, start, max_new_tokens, stops, **fed)
+    else:
+        generated = [
+            greedy_generate(model, cache, start, max_new_tokens, stops, **fed) for cache in caches
+        ]
+    return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in generated]
 
 
 def decoding_start(
@@ -105,13 +112,15 @@ def generate_one(
     if stream is not None and stream.active:
         with streamed(model, method, budget, settings=stream) as streamer:
             last_logits = streamer.prefill(prefill_ids(prompt, protocol), cache)
-            prediction = decode(
-                model, tokenizer, cache, prompt, protocol, last_logits, max_new_tokens
+            (prediction,) = decode(
+                model, tokenizer, [cache], prompt, protocol, last_logits, max_new_tokens
             )
         return prediction, streamer.record
     with evict(model, method, budget=budget) as record:
         last_logits = prefill(model, prefill_ids(prompt, protocol), cache)
-        prediction = decode(model, tokenizer, cache, prompt, protocol, last_logits, max_new_tokens)
+        (prediction,) = decode(
+            model, tokenizer, [cache], prompt, protocol, last_logits, max_new_tokens
+        )
     return prediction, record
 
 
@@ -315,6 +324,7 @@ class RunLog:
         self.config = config
         self.rows: list[dict[str, Any]] = []
         self.own_rows: list[dict[str, Any]] = []  # this shard's file, read once at the start
+        self.own_size = 0  # its bytes as far as own_rows holds them
         self.done: set[str] = set()
         self.example_ids: list[str] | None = None
         # How the task reports its scores, saved in metrics.json (asked before any work).
@@ -334,6 +344,7 @@ class RunLog:
             with locked(self.run_dir / CELL_LOCK):
                 write_config(self.run_dir, self.config)
         self.own_rows = read_rows(self.rows_path)
+        self.own_size = file_size(self.rows_path)
         self.rows = finished_rows(self.run_dir, known={self.rows_path: self.own_rows})
         self.done = {row["example_id"] for row in self.rows}
 
@@ -347,6 +358,7 @@ class RunLog:
             self._log = ExampleLog(self.rows_path, self.own_rows)
         self._log.append(row)
         self.own_rows.append(row)
+        self.own_size = self._log.size
         self.rows.append(row)
         self.done.add(row["example_id"])
 
@@ -359,7 +371,11 @@ class RunLog:
             return {}
         try:
             with locked(self.run_dir / CELL_LOCK):
-                # Only the other shards' files are read again: they may have grown meanwhile.
+                # Only the other shards' files are read again: they may have grown meanwhile. This
+                # shard's is read again only when a row reached it but not own_rows (a signal
+                # between the two).
+                if file_size(self.rows_path) != self.own_size:
+                    self.own_rows = read_rows(self.rows_path)
                 known = {self.rows_path: self.own_rows}
                 self.rows = finished_rows(self.run_dir, order=self.example_ids, known=known)
                 if not self.rows:
@@ -453,3 +469,8 @@ def run_cell(
     finally:
         metrics = cell.log.close()
     return metrics
+
+
+def file_size(path: Path) -> int:
+    """Bytes in ``path`` (0 when it does not exist)."""
+    return path.stat().st_size if path.exists() else 0

@@ -23,13 +23,12 @@ import logging
 import time
 from typing import Any
 
-import torch
 from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from capkv.analysis.diagnostics import CapacityProbe, attention_errors, decoding_queries
 from capkv.engine.compression import CompressionRecord, gathered_cache, record_kept
-from capkv.engine.decoding import batched_greedy_generate, check_batchable
+from capkv.engine.decoding import check_batchable
 from capkv.harness.runner import (
     Cell,
     check_protocol,
@@ -39,7 +38,6 @@ from capkv.harness.runner import (
     prefill_ids,
     prepared_examples,
     result_row,
-    stop_token_ids,
 )
 from capkv.tasks.base import Task
 from capkv.tasks.prompting import PromptIds
@@ -95,36 +93,6 @@ def decoding_groups(records: list[CompressionRecord]) -> list[list[int]]:
                 continue
         groups.append([index])
     return groups
-
-
-def decode_together(
-    model: PreTrainedModel,
-    tokenizer: Any,
-    caches: list[DynamicCache],
-    prompt: PromptIds,
-    protocol: str,
-    last_logits: torch.Tensor,
-    max_new_tokens: int,
-) -> list[str]:
-    """:func:`capkv.harness.runner.decode` for several caches of one prompt, as one batch."""
-    start, fed = decoding_start(prompt, protocol, last_logits)
-    stops = stop_token_ids(model, tokenizer)
-    generated = batched_greedy_generate(model, caches, start, max_new_tokens, stops, **fed)
-    return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in generated]
-
-
-def decode_alone(
-    model: PreTrainedModel,
-    tokenizer: Any,
-    caches: list[DynamicCache],
-    prompt: PromptIds,
-    protocol: str,
-    last_logits: torch.Tensor,
-    max_new_tokens: int,
-) -> list[str]:
-    """:func:`capkv.harness.runner.decode` of the one cache in ``caches`` (a group of one)."""
-    (cache,) = caches
-    return [decode(model, tokenizer, cache, prompt, protocol, last_logits, max_new_tokens)]
 
 
 def uses_batched_decoding(model: PreTrainedModel, decode_batch: bool | None) -> bool:
@@ -190,9 +158,15 @@ def run_sweep(
             for group in groups:
                 start = time.perf_counter()
                 caches = [gathered_cache(full_cache, records[i]) for i in group]
-                decode_group = decode_together if batched and len(group) > 1 else decode_alone
-                predictions = decode_group(
-                    model, tokenizer, caches, prompt, protocol, last_logits, example.max_new_tokens
+                predictions = decode(
+                    model,
+                    tokenizer,
+                    caches,
+                    prompt,
+                    protocol,
+                    last_logits,
+                    example.max_new_tokens,
+                    batched=batched,
                 )
                 del caches
                 seconds = (time.perf_counter() - start) / len(group)

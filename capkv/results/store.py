@@ -204,5 +204,10 @@ class ExampleLog:
         self._stream.flush()
         os.fsync(self._stream.fileno())
 
+    @property
+    def size(self) -> int:
+        """Bytes of the file written so far."""
+        return self._stream.tell()
+
     def close(self) -> None:
         self._stream.close()
