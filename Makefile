@@ -37,7 +37,7 @@ $(ORACLE_VENV)/.installed: pyproject.toml Makefile
 # Tests that never touch transformers (launchers and SLURM, input checks, results, figures,
 # statistics) and the Triton kernel's interpreter tests (triton is installed in .venv only) run
 # once, in .venv.
-ONCE := cluster hostile_input results shards figures uncertainty experiments metrics h2o_kernel \
+ONCE := cluster hostile_input results shards figures uncertainty experiments metrics h2o_kernel docs layers \
 	kvpress_input leaderboard continuations
 test: $(VENV)/.installed $(ORACLE_VENV)/.installed
 	CAPKV_REQUIRE_TRITON=1 $(BIN)/pytest

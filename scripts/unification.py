@@ -14,7 +14,7 @@ It writes ``agreement.csv|md`` and ``optimum.csv|md`` under ``--results`` and tw
 ``--plots``; the optimum table joins each method's task score from ``results/scores.csv`` (the
 committed sweep results) where that cell exists.
 
-    .venv/bin/python scripts/unification.py --threads 1   # the README's numbers, about 50 min
+    .venv/bin/python scripts/unification.py --threads 1   # the numbers of docs/results.md, about 50 min
     .venv/bin/python scripts/unification.py --redraw      # tables and figures from the saved rows
     .venv/bin/python scripts/unification.py --calibrate   # the greedy's speed on this machine
 """
