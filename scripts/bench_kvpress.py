@@ -28,7 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from capkv import Budget
-from capkv.harness.runner import Cell, decode, prefill, prefill_ids, prepared_examples
+from capkv.harness.runner import Cell, answer_under, prefill, prefill_ids, prepared_examples
 from capkv.harness.sweep import run_sweep
 from capkv.interop import KvpressMethod
 from capkv.interop.environment import import_kvpress
@@ -77,17 +77,10 @@ def time_kvpress(model, tokenizer, task, presses) -> tuple[float, dict]:
             press = getattr(kvpress, press_name)(compression_ratio=ratio)
             answers = []
             for example, prompt in examples:
-                cache = DynamicCache()
-                with torch.inference_mode(), press(model):
-                    last_logits = prefill(model, prefill_ids(prompt, PROTOCOL), cache)
-                answers += decode(
-                    model,
-                    tokenizer,
-                    [cache],
-                    prompt,
-                    PROTOCOL,
-                    last_logits,
-                    example.max_new_tokens,
+                answers.append(
+                    answer_under(
+                        model, tokenizer, press(model), prompt, PROTOCOL, example.max_new_tokens
+                    )
                 )
             predictions[press_name, ratio] = answers
     return time.perf_counter() - start, predictions

@@ -35,7 +35,14 @@ from transformers import DynamicCache
 
 from baselines import H2O, PyramidKV, SnapKV, StreamingLLM
 from capkv import Budget, CapKV
-from capkv.harness.runner import Cell, decode, prefill, prefill_ids, prepared_examples, run_cell
+from capkv.harness.runner import (
+    Cell,
+    answer_under,
+    prefill,
+    prefill_ids,
+    prepared_examples,
+    run_cell,
+)
 from capkv.harness.sweep import run_sweep
 from capkv.models import load_model
 from capkv.results.store import finished_rows
@@ -106,17 +113,8 @@ def time_kvpress(model, eager_model, tokenizer, task) -> float:
         for name, press in kvpress_presses(ratio).items():
             runner = eager_model if name == "h2o" else model
             for example, prompt in examples:
-                cache = DynamicCache()
-                with torch.inference_mode(), press(runner):
-                    last_logits = prefill(runner, prefill_ids(prompt, PROTOCOL), cache)
-                decode(
-                    runner,
-                    tokenizer,
-                    [cache],
-                    prompt,
-                    PROTOCOL,
-                    last_logits,
-                    example.max_new_tokens,
+                answer_under(
+                    runner, tokenizer, press(runner), prompt, PROTOCOL, example.max_new_tokens
                 )
     return time.perf_counter() - start
 

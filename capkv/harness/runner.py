@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,24 @@ def decode(
             greedy_generate(model, cache, start, max_new_tokens, stops, **fed) for cache in caches
         ]
     return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in generated]
+
+
+def answer_under(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    hooks: AbstractContextManager,
+    prompt: PromptIds,
+    protocol: str,
+    max_new_tokens: int,
+) -> str:
+    """One greedy answer with ``hooks`` (e.g. a kvpress press applied to ``model``) active during
+    the prefill of a fresh cache, then decoded from that cache: how the benchmark scripts run
+    another library's eviction on this harness's prompts."""
+    cache = DynamicCache()
+    with torch.inference_mode(), hooks:
+        last_logits = prefill(model, prefill_ids(prompt, protocol), cache)
+    (answer,) = decode(model, tokenizer, [cache], prompt, protocol, last_logits, max_new_tokens)
+    return answer
 
 
 def decoding_start(
