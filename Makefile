@@ -37,11 +37,13 @@ $(ORACLE_VENV)/.installed: pyproject.toml Makefile
 # Tests that never touch transformers (launchers and SLURM, input checks, results, figures,
 # statistics) and the Triton kernel's interpreter tests (triton is installed in .venv only) run
 # once, in .venv.
-ONCE := cluster hostile_input results shards figures uncertainty experiments metrics h2o_kernel docs layers \
-	kvpress_input leaderboard continuations
+ONCE := harness/test_cluster harness/test_hostile_input results/test_results harness/test_shards \
+	figures/test_figures results/test_uncertainty harness/test_experiments tasks/test_metrics \
+	engine/test_h2o_kernel test_docs test_layers interop/test_kvpress_input figures/test_leaderboard \
+	analysis/test_continuations
 test: $(VENV)/.installed $(ORACLE_VENV)/.installed
 	CAPKV_REQUIRE_TRITON=1 $(BIN)/pytest
-	CAPKV_REQUIRE_KVPRESS=1 $(ORACLE_VENV)/bin/pytest $(ONCE:%=--ignore=tests/test_%.py)
+	CAPKV_REQUIRE_KVPRESS=1 $(ORACLE_VENV)/bin/pytest $(ONCE:%=--ignore=tests/%.py)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -10,7 +10,7 @@ kvpress presses x ratios, with their kvpress defaults) are run two ways in this 
 
 One untimed prefill comes first, so that neither mode pays the process's first-call costs. The
 script prints both times, their ratio, and in how many cells x examples the two produced the
-same answer (the kept sets are equal, tests/test_kvpress_scorers.py; kvpress leaves its cache
+same answer (the kept sets are equal, tests/interop/test_kvpress_scorers.py; kvpress leaves its cache
 in score order, ours in prompt order, so sums run in another order and a near-tie may differ).
 Needs kvpress (pip install -e '.[kvpress]'):
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Triton kernels run on the CPU (tests/test_h2o_kernel.py). Triton reads this when it is first
+# Triton kernels run on the CPU (tests/engine/test_h2o_kernel.py). Triton reads this when it is first
 # imported (transformers may import it through torch), so it is set before anything else.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 

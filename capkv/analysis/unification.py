@@ -20,7 +20,7 @@ scores both. This module measures, on real prefill states:
 Capacities use CapKV's relevance weights with its default hyperparameters and are averaged over
 the query heads of each KV head, as in :mod:`capkv.analysis.diagnostics`.
 
-Reductions (each a test in ``tests/test_unification.py``):
+Reductions (each a test in ``tests/analysis/test_unification.py``):
 
 - orthogonal value vectors of equal norm ``c``: ``s_i = w_i c^2 / (1 + (w_i + eps) c^2)`` grows
   with ``w_i``, so CapKV ranks by relevance alone (what attention-mass heuristics aim at);

@@ -5,7 +5,7 @@ A kvpress *scorer press* compresses by scoring every cached token and keeping th
 kwargs)`` reads nothing but one layer's prefill state, which :class:`capkv.engine.layer.LayerPrefill`
 holds, so the press's own ``score`` can rank tokens here, in sweeps too (one prefill for many
 presses and budgets), under both budget conventions and both protocols. The engine then keeps
-the same top-k kvpress keeps (``tests/test_kvpress_scorers.py`` checks every supported press
+the same top-k kvpress keeps (``tests/interop/test_kvpress_scorers.py`` checks every supported press
 against kvpress's own hooks, in every layer and KV head).
 """
 

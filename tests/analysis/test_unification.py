@@ -29,7 +29,7 @@ from capkv.engine.compression import record_kept
 from capkv.engine.hooks import run_with_cache
 from tests.conftest import capture_prefill, random_prompt
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TABLES = ("agreement.md", "optimum.md", "agreement.csv", "optimum.csv")
 
 

@@ -31,7 +31,7 @@ from capkv.tasks.base import capped
 from capkv.tasks.needle import NeedleTask
 from capkv.tasks.ruler import RulerSuite
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model=tiny-random", "task.context_lengths=[200,400]", "task.depths=[0,100]"]
 NEEDLE_CELL = ("tiny-random", "needle", "capkv", "budget64", "query_aware")
 GOOD_RECORD = {"input": "Who?", "context": "Ann wrote it.", "answers": ["Ann"]}

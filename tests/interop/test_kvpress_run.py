@@ -9,7 +9,7 @@ import pytest
 from capkv.figures.cli import draw_all
 from capkv.interop import kvpress_problem
 from capkv.results.store import finished_rows, run_directory
-from tests.test_run import error_lines, run
+from tests.harness.test_run import error_lines, run
 
 PROBLEM = kvpress_problem()
 requires_kvpress = pytest.mark.skipif(
@@ -26,7 +26,7 @@ def rows_of(results, method, budget, protocol="context_only"):
 
 @requires_kvpress
 def test_a_sweep_mixes_presses_and_our_methods(tmp_path):
-    """Kept sets of a sweep equal separate runs' (tests/test_kvpress_scorers.py); here the folders,
+    """Kept sets of a sweep equal separate runs' (tests/interop/test_kvpress_scorers.py); here the folders,
     diagnostics, tables and figures of a sweep with presses under both budget conventions."""
     sweep = [
         "methods=[kvpress-tova,kvpress,streamingllm]",

@@ -25,7 +25,7 @@ from capkv.harness.long_generation import (
 from capkv.models import build_tiny_model
 from capkv.results.store import read_rows
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def script(name: str):

@@ -24,7 +24,7 @@ from capkv.tasks.haystack import essay_files
 from capkv.tasks.perplexity import PerplexityTask
 from capkv.tasks.prompting import tokenize_prompt
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TASK_CONFIG = {
     "_target_": "capkv.tasks.perplexity.PerplexityTask",
     "length": 120,

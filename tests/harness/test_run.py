@@ -22,7 +22,7 @@ from capkv.models import build_tiny_model
 from capkv.results.store import EXAMPLES, METRICS, finished_rows, run_directory
 from capkv.tasks.needle import NeedleTask
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "longbench"
 TINY_NEEDLE = ["model=tiny-random", "task.context_lengths=[200,400]", "task.depths=[0,100]"]
 
@@ -42,7 +42,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.mark.parametrize("method", group_options("method"))
 def test_every_method_config_composes_and_instantiates(method):
-    # method=kvpress needs a press, and kvpress (tests/test_kvpress_*.py cover it)
+    # method=kvpress needs a press, and kvpress (tests/interop/test_kvpress_*.py cover it)
     overrides = [f"method={method}"] + (["method.press=TOVAPress"] if method == "kvpress" else [])
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from capkv.interop import SUPPORTED_PRESSES, kvpress_problem
-from tests.test_run import error_lines, run
+from tests.harness.test_run import error_lines, run
 
 SUPPORTED = "choose one of: " + ", ".join(SUPPORTED_PRESSES) + "."
 CASES = [

@@ -32,7 +32,7 @@ from capkv.interop import SUPPORTED_PRESSES, KvpressMethod, as_press  # noqa: E4
 from capkv.interop.scorers import HUB_PRESSES, NEEDS_ATTENTIONS, RATIO_DEPENDENT  # noqa: E402
 from capkv.models import build_tiny_model  # noqa: E402
 from tests.conftest import capture_prefill, random_prompt  # noqa: E402
-from tests.test_oracles import kvpress_kept, our_kept  # noqa: E402
+from tests.methods.test_oracles import kvpress_kept, our_kept  # noqa: E402
 
 PROMPT = 128
 # Settings small enough for a 128-token prompt (kvpress's defaults suit thousands of tokens).

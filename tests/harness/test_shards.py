@@ -25,7 +25,7 @@ from capkv.results.tables import aggregate
 from capkv.tasks.base import Example
 from capkv.tasks.needle import NeedleTask
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TASK = NeedleTask(context_lengths=[200, 300, 400], depths=[0, 50, 100])
 
 

@@ -20,7 +20,7 @@ from capkv.harness.shards import Shard
 from capkv.results.store import finished_rows, run_directory
 from capkv.storage.locking import is_held
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # 6 needle prompts x 2 cells, in sweep mode.
 SWEEP = [
     "model=tiny-random",

@@ -28,7 +28,7 @@ from capkv.results.tables import aggregate, main_table
 from capkv.tasks.base import Reporting, task_reporting
 from capkv.tasks.perplexity import text_fields
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def score_rows(task: str, method: str, budget: str, subtasks: dict[str, float]) -> list[dict]:

@@ -24,7 +24,7 @@ from capkv.tasks.longbench import (
 )
 from tests.conftest import train_bpe_tokenizer
 
-FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "longbench"
 BIG_BUDGET = 1_000_000
 
 # From THUDM/LongBench config/dataset2maxlen.json.
