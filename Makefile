@@ -69,11 +69,11 @@ reproduce: $(VENV)/.installed
 	$(MAKE) tables figures
 
 # Beyond the paper: uniform against head-adaptive and CapKV's own allocations (sharing the
-# uniform cells of needle_heatmaps and ruler), and the allocation figure.
+# uniform cells of needle_heatmaps and ruler), and the allocation table its figure is drawn from.
 reproduce-allocation: $(VENV)/.installed
 	$(BIN)/python run.py experiment=allocation_needle
 	$(BIN)/python run.py experiment=allocation_ruler
-	$(BIN)/python -m capkv.figures.allocation
+	$(BIN)/python scripts/allocation_map.py
 	$(MAKE) tables figures
 
 # Eviction while the cache grows: long-text perplexity under a bounded cache, every method at

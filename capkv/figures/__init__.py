@@ -9,7 +9,7 @@ from the tables :mod:`capkv.figures.data` reads and styled by :mod:`capkv.figure
 - :mod:`~capkv.figures.perplexity`: perplexity against position, one panel per budget;
 - :mod:`~capkv.figures.tables`: per-task tables (subtasks as columns);
 - :mod:`~capkv.figures.allocation`: CapKV's allocation per (layer, KV head) beside PyramidKV's
-  schedule, from one prefill (``python -m capkv.figures.allocation``; it loads a model);
+  schedule, from the table ``scripts/allocation_map.py`` writes under ``results/allocation/``;
 - :mod:`~capkv.figures.long_generation`: continuations under a bound against the full cache's,
   by budget (drawn by ``scripts/long_generation.py``);
 - :mod:`~capkv.figures.style`: each method's colour, marker and name, budget names and order;

@@ -1,17 +1,18 @@
 """The allocation figure: tokens kept per (layer, KV head) by CapKV's model-wide allocation on one
 needle prompt, as a heatmap, beside PyramidKV's hand-made schedule for the same budget.
 
-    python -m capkv.figures.allocation [--model smollm2-135m] [--context-length 4096] [--depth 50]
-        [--ratio 0.75 | --budget 512] [--out plots/<model>_allocation.png]
+    python -m capkv.figures.allocation [--results results] [--plots plots]
 
-One prefill records both allocations (sweep mode's :func:`capkv.engine.compression.record_kept`); nothing is
-decoded. The figure shows where CapKV's objective puts the budget: which layers and heads hold the
-capacity, against a schedule that only shrinks with depth.
+Drawn from the tables ``scripts/allocation_map.py`` writes under ``<results>/allocation/`` (the
+figure reads results only; the script runs the prefill). The figure shows where CapKV's objective
+puts the budget: which layers and heads hold the capacity, against a schedule that only shrinks
+with depth.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -19,33 +20,28 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
+import pandas as pd  # noqa: E402
 
-from baselines import PyramidKV  # noqa: E402
-from capkv.cap import CapKV  # noqa: E402
-from capkv.engine.budget import Budget  # noqa: E402
-from capkv.engine.compression import record_kept  # noqa: E402
-from capkv.harness.runner import prefill, prefill_ids, prepared_examples  # noqa: E402
-from capkv.tasks.needle import NeedleTask  # noqa: E402
+ALLOCATION_DIR = "allocation"  # under a results folder
 
 
-def allocations(
-    model, tokenizer, context_length: int, depth: float, budget: Budget
-) -> tuple[np.ndarray, list[float], int]:
-    """Tokens kept per (layer, KV head) by CapKV (``allocation=model``) and per KV head per layer
-    by PyramidKV, on one needle prompt (query-aware); and the prompt length."""
-    task = NeedleTask(context_lengths=[context_length], depths=[depth])
-    example, prompt = prepared_examples(model, tokenizer, task).prepared[0]
-    selections = [(CapKV(allocation="model"), budget), (PyramidKV(), budget)]
-    with torch.inference_mode(), record_kept(model, selections) as (capkv, pyramid):
-        prefill(model, prefill_ids(prompt, "query_aware"), DynamicCache())
-    if capkv.kept_per_head() is None:
-        raise ValueError(
-            f"{budget.label} keeps the whole {prompt.length}-token prompt, so nothing is "
-            "allocated; pass a smaller --budget or a larger --ratio."
-        )
-    return np.array(capkv.kept_per_head()), pyramid.kept_per_layer(), prompt.length
+def table_path(folder: Path, model: str, budget_label: str) -> Path:
+    """Where the allocation table of ``model`` at ``budget_label`` lives; the plot's name too."""
+    return folder / f"{model}_allocation_{budget_label}.csv"
+
+
+def read_table(path: Path) -> tuple[np.ndarray, list[float], str]:
+    """CapKV's tokens per (layer, KV head), PyramidKV's per layer, and the figure's title."""
+    table = pd.read_csv(path).sort_values(["layer", "kv_head"])
+    layers, heads = table["layer"].nunique(), table["kv_head"].nunique()
+    per_head = table["capkv_tokens"].to_numpy().reshape(layers, heads)
+    schedule = table.groupby("layer")["pyramidkv_tokens"].first().tolist()
+    prompt = json.loads(path.with_suffix(".json").read_text())
+    title = (
+        f"{prompt['model']}: tokens kept per KV head, needle at depth {prompt['depth']:g}%, "
+        f"{prompt['prompt_tokens']} tokens, {prompt['budget']}"
+    )
+    return per_head, schedule, title
 
 
 def draw(per_head: np.ndarray, schedule: list[float], title: str, path: Path) -> plt.Figure:
@@ -75,31 +71,30 @@ def draw(per_head: np.ndarray, schedule: list[float], title: str, path: Path) ->
     return figure
 
 
-def main(argv: list[str] | None = None) -> Path:
-    from capkv.models import load_model
+def draw_allocations(results_dir: Path, plots_dir: Path) -> list[Path]:
+    """One figure per table under ``<results_dir>/allocation/``; returns the plots written."""
+    written = []
+    for table in sorted((results_dir / ALLOCATION_DIR).glob("*.csv")):
+        out = plots_dir / table.with_suffix(".png").name
+        draw(*read_table(table), out)
+        written.append(out)
+    return written
 
+
+def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--context-length", type=int, default=4096)
-    parser.add_argument("--depth", type=float, default=50.0)
-    parser.add_argument("--ratio", type=float, default=None)
-    parser.add_argument("--budget", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--plots", type=Path, default=Path("plots"))
     args = parser.parse_args(argv)
-    budget = Budget(tokens=args.budget) if args.budget is not None else None
-    budget = budget or Budget(ratio=0.75 if args.ratio is None else args.ratio)
-    model, tokenizer = load_model(args.model, dtype="float32", attn_implementation="sdpa")
-    per_head, schedule, length = allocations(
-        model, tokenizer, args.context_length, args.depth, budget
-    )
-    out = args.out or Path("plots") / f"{args.model}_allocation_{budget.label}.png"
-    title = (
-        f"{args.model}: tokens kept per KV head, needle at depth {args.depth:g}%, "
-        f"{length} tokens, {budget.label}"
-    )
-    draw(per_head, schedule, title, out)
-    print(f"wrote {out}")
-    return out
+    written = draw_allocations(args.results, args.plots)
+    if not written:
+        raise SystemExit(
+            f"error: no allocation table under {args.results / ALLOCATION_DIR}/; write one with "
+            "`python scripts/allocation_map.py`."
+        )
+    for path in written:
+        print(f"wrote {path}")
+    return written
 
 
 if __name__ == "__main__":

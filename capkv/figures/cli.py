@@ -7,6 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from capkv.figures.allocation import draw_allocations
 from capkv.figures.canvas import Job, render_all
 from capkv.figures.capacity import capacity_jobs
 from capkv.figures.curves import curve_jobs
@@ -36,7 +37,7 @@ def draw_all(results_dir: str | Path, plots_dir: str | Path) -> list[Path]:
     if not scores.empty:
         jobs += [*curve_jobs(intervals, plots_dir), *capacity_jobs(scores, intervals, plots_dir)]
     jobs += [*perplexity_jobs(load_perplexity(results_dir), plots_dir)]
-    written = render_all(jobs)
+    written = render_all(jobs) + draw_allocations(results_dir, plots_dir)
     return written + (task_tables(intervals, plots_dir) if not scores.empty else [])
 
 

@@ -3,6 +3,10 @@ CapKV's allocation against its own objective."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -17,6 +21,9 @@ from capkv.models import build_tiny_model
 from tests.conftest import capture_prefill, random_prompt
 
 PROMPT = 160
+
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_pooled_selection_keeps_the_pool_size_floors_and_protected_tokens():
@@ -214,18 +221,29 @@ def test_iterative_costs_are_recomputed_against_the_kept_set(gqa_model):
     assert bool((smaller[~alive] == float("-inf")).all())
 
 
-def test_allocation_figure_draws_capkv_beside_pyramidkv(tmp_path, gqa_model):
-    from capkv.figures.allocation import allocations, draw
+def test_allocation_figure_draws_capkv_beside_pyramidkv_from_the_table(tmp_path, gqa_model):
+    from capkv.figures.allocation import draw_allocations, read_table
 
+    spec = importlib.util.spec_from_file_location(
+        "allocation_map", ROOT / "scripts" / "allocation_map.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     model, tokenizer = gqa_model
-    per_head, schedule, length = allocations(model, tokenizer, 300, 50.0, Budget(ratio=0.5))
+    per_head, schedule, length = script.allocations(model, tokenizer, 300, 50.0, Budget(ratio=0.5))
     assert per_head.shape == (4, 2) and len(schedule) == 4
     assert per_head.sum() == 4 * 2 * int(length * 0.5)  # one model-wide budget, spent exactly
-    figure = draw(per_head, schedule, "tiny", tmp_path / "allocation.png")
-    heat, _colour_bar = figure.axes[0], figure.axes[-1]
-    assert heat.get_xlabel() == "KV head" and heat.get_ylabel() == "layer"
-    assert _colour_bar.get_ylabel() == "tokens kept" and heat.get_title()
-    assert (tmp_path / "allocation.png").stat().st_size > 0
+    table = tmp_path / "results" / "allocation" / "tiny_allocation_ratio0.5.csv"
+    table.parent.mkdir(parents=True)
+    script.allocation_table(per_head, schedule).to_csv(table, index=False)
+    table.with_suffix(".json").write_text(
+        json.dumps({"model": "tiny", "depth": 50.0, "prompt_tokens": length, "budget": "ratio0.5"})
+    )
+    read_head, read_schedule, title = read_table(table)  # the figure reads what the run wrote
+    assert (read_head == per_head).all() and read_schedule == pytest.approx(schedule)
+    assert "depth 50%" in title and f"{length} tokens" in title
+    (plot,) = draw_allocations(tmp_path / "results", tmp_path / "plots")
+    assert plot == tmp_path / "plots" / "tiny_allocation_ratio0.5.png" and plot.stat().st_size > 0
 
 
 def attend(query, keys, values, scaling):
