@@ -280,18 +280,23 @@ def download(repo: str) -> Path:
 
     where = f"the hub ({constants.ENDPOINT})"
     fallback = "or pass task.data_dir=<folder of official JSONL files>"
-    try:
-        return Path(hf_hub_download(repo_id=repo, filename=ZIP_FILE, repo_type="dataset"))
-    except LocalEntryNotFoundError:
-        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "it cannot be reached"
-        raise ValueError(
+
+    def out_of_reach(reason: str) -> ValueError:
+        return ValueError(
             f"LongBench's {ZIP_FILE} of {repo} is neither unpacked in {unpack_folder(repo)} nor "
             f"in the Hugging Face cache, and {where} is out of reach ({reason}); run once where "
             f"the hub is reachable (the cache then serves offline runs), {fallback}."
-        ) from None
+        )
+
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=ZIP_FILE, repo_type="dataset"))
+    except LocalEntryNotFoundError:
+        offline = constants.HF_HUB_OFFLINE
+        raise out_of_reach("HF_HUB_OFFLINE is set" if offline else "it cannot be reached") from None
     except RepositoryNotFoundError:
         raise ValueError(
-            f"{where} has no dataset repository {repo}; set task.hub_repo={HUB_REPO} (the "
+            f"{where[0].upper()}{where[1:]} has no dataset repository {repo}; set "
+            f"task.hub_repo={HUB_REPO} (the "
             f"official one), {fallback}."
         ) from None
     except EntryNotFoundError:
@@ -299,12 +304,18 @@ def download(repo: str) -> Path:
             f"The dataset repository {repo} on {where} has no {ZIP_FILE}; set "
             f"task.hub_repo={HUB_REPO} (the official one), {fallback}."
         ) from None
-    except (HfHubHTTPError, OSError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except HfHubHTTPError as error:
         raise ValueError(
-            f"Downloading {ZIP_FILE} of {repo} from {where} failed ({first}); run again, "
-            f"{fallback}."
+            f"Downloading {ZIP_FILE} of {repo} from {where} failed ({_first_line(error)}); run "
+            f"again, {fallback}."
         ) from None
+    except Exception as error:  # the transport errors of the http client huggingface_hub uses
+        raise out_of_reach(f"{type(error).__name__}: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def hub_data_dir(repo: str, names: list[str]) -> Path:
