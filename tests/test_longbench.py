@@ -243,6 +243,24 @@ def test_data_dir_without_the_jsonl_file_names_it(tmp_path: Path) -> None:
         LongBench(datasets=["trec", "qasper"], data_dir=str(tmp_path))
 
 
+def test_max_length_cuts_prompts_below_the_model_limit(tokenizer: Any) -> None:
+    row = records("narrativeqa")[0]
+    prompt = PROMPT_TEMPLATES["narrativeqa"].format(**row)
+    limit = len(prompt) - 41
+    task = LongBench(["narrativeqa"], str(FIXTURES), max_length=limit, max_examples=1)
+    (short,) = task.examples(tokenizer, BIG_BUDGET)
+    (same,) = task.examples(tokenizer, limit + 1000)  # the smaller limit wins
+    (model,) = LongBench(["narrativeqa"], str(FIXTURES), max_examples=1).examples(tokenizer, limit)
+    assert short.context + short.question == prompt[: limit // 2] + prompt[-(limit // 2) :]
+    assert short == same == model
+
+
+@pytest.mark.parametrize("bad", [0, 1, 2.5, True, "8k"])
+def test_a_bad_max_length_is_refused(bad: Any) -> None:
+    with pytest.raises(ValueError, match=r"task\.max_length=.* is not a number of tokens"):
+        LongBench(data_dir=str(FIXTURES), max_length=bad)
+
+
 def test_non_positive_max_examples_is_rejected() -> None:
     with pytest.raises(ValueError, match="max_examples"):
         LongBench(data_dir=str(FIXTURES), max_examples=0)

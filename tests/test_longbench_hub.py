@@ -229,6 +229,22 @@ def test_offline_jobs_read_the_cache_without_the_hub(hub_cache) -> None:
     assert hub.gets == Counter({OFFICIAL: 1})
 
 
+def test_the_hub_module_prepares_the_cache_for_offline_nodes(hub_cache) -> None:
+    # on a login node before a SLURM array: download and unpack once, print the folder
+    tmp, _, _ = hub_cache
+    command = [sys.executable, "-m", "capkv.tasks.longbench"]
+    env = hub_env(tmp, "http://127.0.0.1:9", offline=True)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(unpacked(tmp))
+    env["CAPKV_CACHE"] = str(tmp / "empty")
+    env["HF_HOME"] = str(tmp / "empty-hf")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: LongBench's data.zip of zai-org/LongBench is neither")
+    assert "(HF_HUB_OFFLINE is set)" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
 def test_a_run_from_the_hub_writes_its_results(hub_cache) -> None:
     tmp, _, _ = hub_cache
     command = [

@@ -56,6 +56,10 @@ class LongBench:
     variant : str
         ``"standard"`` (LongBench) or ``"e"`` (LongBench-E: examples carry their length bucket,
         ``metadata["length_bucket"]``, for per-bucket scores).
+    max_length : int or None
+        Cut prompts to this many tokens, as ``pred.py`` does with ``model2maxlen.json`` (e.g.
+        7950 for an 8k model in the PyramidKV and SnapKV evaluations); None, or a value above
+        the model's prompt limit: that limit (the window less room for the answer and template).
     max_examples : int or None
         Use only the first this many examples of each dataset (None: all).
     name : str or None
@@ -66,6 +70,7 @@ class LongBench:
     data_dir: str | None = None
     hub_repo: str = HUB_REPO
     variant: str = STANDARD
+    max_length: int | None = None
     max_examples: int | None = None
     name: str | None = None
 
@@ -74,6 +79,15 @@ class LongBench:
         self.datasets = variant_datasets(self.variant, self.datasets)
         self.name = self.name or task_name(self.variant)
         _check_limit(self.max_examples)
+        if self.max_length is not None and (
+            not isinstance(self.max_length, int)
+            or isinstance(self.max_length, bool)
+            or self.max_length < 2
+        ):
+            raise ValueError(
+                f"task.max_length={self.max_length!r} is not a number of tokens of at least 2; "
+                "pass e.g. task.max_length=7950, or task.max_length=null for the model's limit."
+            )
         files = [self.file_name(name) for name in self.datasets]
         if self.data_dir is None:
             self._folder = hub_data_dir(self.hub_repo, files)
@@ -117,7 +131,8 @@ class LongBench:
         tokenizer : Any
             The model's tokenizer.
         max_prompt_tokens : int
-            The model's prompt limit (``pred.py``'s ``max_length``).
+            The model's prompt limit; prompts are cut to it or to ``max_length``, the smaller
+            (``pred.py``'s ``max_length``).
 
         Yields
         ------
@@ -125,12 +140,13 @@ class LongBench:
             ``example_id`` is ``"<dataset>/<_id>"``; metadata holds ``subtask`` (the dataset),
             ``all_classes``, ``length`` and, for LongBench-E, ``length_bucket``.
         """
+        limit = min(max_prompt_tokens, self.max_length or max_prompt_tokens)
         for name in self.datasets or ():
             fmt = PROMPT_FORMATS[name]
             path = self._folder / self.file_name(name)
             for index, record in enumerate(read_jsonl(path, self.max_examples)):
                 example_id = f"{name}/{record.get('_id', index)}"
-                example = build_example(example_id, record, fmt, name, tokenizer, max_prompt_tokens)
+                example = build_example(example_id, record, fmt, name, tokenizer, limit)
                 if self.variant == E:
                     example.metadata["length_bucket"] = bucket_of(record, path, index)
                 yield example
