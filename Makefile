@@ -65,6 +65,7 @@ reproduce: $(VENV)/.installed
 	$(BIN)/python run.py experiment=needle_context_limit
 	$(BIN)/python run.py experiment=ruler
 	$(MAKE) tables figures
+	@echo "LongBench is not run here (its data is not on this machine); where it is, add its column with: $(BIN)/python run.py experiment=longbench results_dir=results max_examples=3 [task.data_dir=<folder of the official JSONL files>; by default data.zip comes from the hub, docs/longbench.md] && make tables figures"
 
 # Beyond the paper: uniform against head-adaptive and CapKV's own allocations (sharing the
 # uniform cells of needle_heatmaps and ruler), and the allocation figure.

@@ -22,6 +22,8 @@ from capkv.tasks.longbench import (
     read_jsonl,
     truncate_middle,
 )
+from capkv.tasks.longbench.buckets import BucketScore, bucket_scores
+from capkv.tasks.longbench.settings import E_DATASETS, length_bucket
 from tests.conftest import train_bpe_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
@@ -371,3 +373,57 @@ def test_a_bad_record_is_refused_with_file_line_and_field(tmp_path, bad_line, me
         CustomJsonlTask(str(path), "qa_f1_score", "{context}\n{input}", 8)
     assert message in str(error.value)
     assert len(list(read_jsonl(path, limit=1))) == 1  # the lines before it are readable
+
+
+def test_longbench_e_reads_the_e_files_with_their_length_buckets(tokenizer: Any) -> None:
+    task = LongBench(["trec", "lcc"], str(FIXTURES), variant="e")
+    assert task.name == "longbench_e"
+    examples = list(task.examples(tokenizer, BIG_BUDGET))
+    rows = records("trec_e") + records("lcc_e")
+    assert [e.example_id for e in examples] == [
+        f"{name}/{row['_id']}" for name, row in zip(["trec"] * 3 + ["lcc"] * 3, rows, strict=True)
+    ]
+    assert [e.metadata["length_bucket"] for e in examples] == ["0-4k", "4-8k", "8k+"] * 2
+    assert [e.metadata["subtask"] for e in examples] == ["trec"] * 3 + ["lcc"] * 3
+    assert LongBench.reporting({"variant": "e"}).benchmark == "longbench_e"
+    assert list(LongBench.reporting({"variant": "e"}).families) == list(E_DATASETS)
+
+
+@pytest.mark.parametrize(
+    ("length", "bucket"),
+    [(0, "0-4k"), (3999, "0-4k"), (4000, "4-8k"), (7999, "4-8k"), (8000, "8k+"), (10**6, "8k+")],
+)
+def test_length_buckets_are_eval_py_s(length: int, bucket: str) -> None:
+    assert length_bucket(length) == bucket
+
+
+def test_a_longbench_e_record_without_length_is_named(tmp_path: Path, tokenizer: Any) -> None:
+    row = records("trec_e")[0]
+    write_jsonl(tmp_path / "trec_e.jsonl", [row, {**row, "length": None}])
+    task = LongBench(["trec"], str(tmp_path), variant="e")
+    with pytest.raises(ValueError, match=r"record 1 of .*trec_e\.jsonl has length=None"):
+        list(task.examples(tokenizer, BIG_BUDGET))
+
+
+def test_bucket_scores_average_each_dataset_then_the_datasets() -> None:
+    def row(subtask: str, bucket: str | None, score: float) -> dict[str, Any]:
+        return {
+            "subtask": subtask,
+            "scores": {"score": score},
+            "metadata": {"length_bucket": bucket},
+        }
+
+    rows = [
+        row("lcc", "0-4k", 1.0),
+        row("trec", "8k+", 0.5),
+        row("trec", "0-4k", 0.0),
+        row("trec", "0-4k", 1.0),
+        row("lcc", None, 1.0),  # no bucket: not a LongBench-E row
+    ]
+    assert bucket_scores(rows) == [
+        BucketScore("trec", "0-4k", 50.0, 2),
+        BucketScore("trec", "8k+", 50.0, 1),
+        BucketScore("lcc", "0-4k", 100.0, 1),
+        BucketScore("average", "0-4k", 75.0, 3),  # (50 + 100) / 2: each dataset counts once
+        BucketScore("average", "8k+", 50.0, 1),
+    ]
