@@ -38,7 +38,7 @@ $(ORACLE_VENV)/.installed: pyproject.toml Makefile
 # statistics) and the Triton kernel's interpreter tests (triton is installed in .venv only) run
 # once, in .venv.
 ONCE := cluster hostile_input results shards figures uncertainty experiments metrics h2o_kernel \
-	kvpress_input leaderboard continuations
+	kvpress_input leaderboard continuations longbench_reporting
 test: $(VENV)/.installed $(ORACLE_VENV)/.installed
 	CAPKV_REQUIRE_TRITON=1 $(BIN)/pytest
 	CAPKV_REQUIRE_KVPRESS=1 $(ORACLE_VENV)/bin/pytest $(ONCE:%=--ignore=tests/test_%.py)

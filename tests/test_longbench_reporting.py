@@ -1,0 +1,84 @@
+"""LongBench and LongBench-E from a fixture run to tables and figures: what `make tables figures`
+draws for them (the committed CPU results have no LongBench column; a run on the fixtures stands
+in for one on the data)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from capkv.figures.cli import draw_all
+from capkv.figures.curves import curve_jobs
+from capkv.figures.data import load_tables
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures" / "longbench"
+GRID = ["model=tiny-random", "methods=[full,snapkv,streamingllm]", "budgets=[64]"]
+STANDARD = ["task=longbench", "task.datasets=[qasper,hotpotqa,trec,lcc]"]
+E = ["task=longbench_e", "task.datasets=[qasper,lcc]"]
+
+
+@pytest.fixture(scope="module")
+def fixture_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A sweep of LongBench and one of LongBench-E on the fixtures, then the figures."""
+    tmp = tmp_path_factory.mktemp("longbench_run")
+    for task in (STANDARD, E):
+        command = [sys.executable, str(ROOT / "run.py"), *GRID, *task]
+        command += [f"task.data_dir={FIXTURES}", f"results_dir={tmp / 'results'}"]
+        result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "results", draw_all(tmp / "results", tmp / "plots")
+
+
+def test_the_main_table_has_a_column_per_family_of_each_variant(fixture_run) -> None:
+    results, _ = fixture_run
+    columns = list(pd.read_csv(results / "main_table.csv").columns)
+    named = [
+        c
+        for c in columns
+        if c.startswith("longbench") and c.split()[-1] not in ("low", "high", "n")
+    ]
+    assert named == [
+        "longbench: Single-doc QA",
+        "longbench: Multi-doc QA",
+        "longbench: Few-shot",
+        "longbench: Code",
+        "longbench",
+        "longbench_e: Single-doc QA",
+        "longbench_e: Code",
+        "longbench_e",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("task", "panels"),
+    [
+        ("longbench", ["Single-doc QA", "Multi-doc QA", "Few-shot", "Code"]),
+        ("longbench_e", ["Single-doc QA", "Code"]),
+    ],
+)
+def test_each_variant_gets_its_family_panels_and_task_table(fixture_run, task, panels) -> None:
+    results, written = fixture_run
+    names = {path.name for path in written}
+    stem = f"tiny-random_{task}_query_aware"
+    assert {f"{stem}_score_vs_tokens.png", f"{stem}_table.csv", f"{stem}_table.md"} <= names
+    _, _, intervals = load_tables(results)
+    (job,) = [
+        job
+        for job in curve_jobs(intervals, results.parent / "plots")
+        if job[0].name == f"{stem}_score_vs_tokens"
+    ]
+    _, draw, args = job
+    figure = draw(*args)
+    titles = [ax.get_title() for ax in figure.axes if ax.axison]
+    assert titles == [*panels, "Average over subtasks"]
+    for ax in figure.axes:
+        if ax.axison:
+            labels = {line.get_label() for line in ax.get_lines()}
+            assert {"SnapKV", "StreamingLLM"} <= labels
+    table = pd.read_csv(results.parent / "plots" / f"{stem}_table.csv")
+    assert list(table["method"]) == ["full", "snapkv", "streamingllm"]
