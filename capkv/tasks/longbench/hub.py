@@ -36,6 +36,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from capkv.models.cache import cache_root
 from capkv.storage.locking import locked
@@ -81,11 +82,11 @@ def unpack_folder(repo: str) -> Path:
     return cache_root() / CACHE_SUBDIR / repo.replace("/", "--")
 
 
-def _copy_hashed(source: object, target: Path) -> FileEntry:
+def _copy_hashed(source: IO[bytes], target: Path) -> FileEntry:
     """Copy an open binary stream into ``target`` (flushed to disk), hashing it on the way."""
     digest, size = hashlib.sha256(), 0
     with target.open("wb") as out:
-        while chunk := source.read(_CHUNK):  # type: ignore[attr-defined]
+        while chunk := source.read(_CHUNK):
             digest.update(chunk)
             size += len(chunk)
             out.write(chunk)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ class LongBench:
     max_length: int | None = None
     max_examples: int | None = None
     name: str | None = None
+    _folder: Path = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_variant(self.variant)
