@@ -82,3 +82,12 @@ def test_each_variant_gets_its_family_panels_and_task_table(fixture_run, task, p
             assert {"SnapKV", "StreamingLLM"} <= labels
     table = pd.read_csv(results.parent / "plots" / f"{stem}_table.csv")
     assert list(table["method"]) == ["full", "snapkv", "streamingllm"]
+
+
+def test_make_reproduce_names_the_command_that_adds_longbench() -> None:
+    result = subprocess.run(
+        ["make", "-n", "reproduce"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    hint = [line for line in result.stdout.splitlines() if "LongBench is not run here" in line]
+    assert len(hint) == 1
+    assert "run.py experiment=longbench results_dir=results" in hint[0]
