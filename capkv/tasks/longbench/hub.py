@@ -15,7 +15,7 @@ Once, atomically, and checked on use:
 
 - ``huggingface_hub`` downloads the file once however many jobs ask at the same time (its own
   lock on the file), then one process unpacks while the others wait on a lock beside the folder
-  (:func:`capkv.locking.locked`, released by the kernel if the holder dies) and find the folder
+  (:func:`capkv.storage.locking.locked`, released by the kernel if the holder dies) and find the folder
   made: a SLURM array downloads and unpacks once; a failed download writes nothing of ours;
 - the unpack is written into a temporary sibling folder, ``manifest.json`` (each file's size and
   SHA-256) last, then renamed into place in one step: a killed unpack leaves only a temporary

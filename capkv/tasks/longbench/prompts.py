@@ -3,7 +3,7 @@ model's prompt limit as ``pred.py`` cuts it, and split where the question starts
 
 ``pred.py`` fills the template, tokenises it (special tokens included) and, when it is longer than
 the model's ``max_length``, keeps the decoded first and last ``max_length / 2`` tokens. We do the
-same with the runner's prompt limit (:func:`capkv.runner.max_prompt_tokens`, the window less room
+same with the runner's prompt limit (:func:`capkv.harness.runner.max_prompt_tokens`, the window less room
 for the answer and the chat template) as ``max_length``, then split the prompt after the context:
 everything before the template's text that follows ``{context}`` becomes :attr:`Example.context`,
 the rest (instructions after the context, ``{input}``, "Answer:") :attr:`Example.question`, so
