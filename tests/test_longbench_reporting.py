@@ -13,7 +13,8 @@ import pytest
 
 from capkv.figures.cli import draw_all
 from capkv.figures.curves import curve_jobs
-from capkv.figures.data import load_tables
+from capkv.figures.data import load_length_buckets, load_tables
+from capkv.figures.length_buckets import length_figure, length_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "longbench"
@@ -82,6 +83,81 @@ def test_each_variant_gets_its_family_panels_and_task_table(fixture_run, task, p
             assert {"SnapKV", "StreamingLLM"} <= labels
     table = pd.read_csv(results.parent / "plots" / f"{stem}_table.csv")
     assert list(table["method"]) == ["full", "snapkv", "streamingllm"]
+
+
+def test_longbench_e_scores_per_length_bucket_are_tabled(fixture_run) -> None:
+    results, _ = fixture_run
+    table = pd.read_csv(results / "longbench_e.csv")
+    assert set(table["task"]) == {"longbench_e"}
+    runs = table.groupby(["method", "budget"], sort=False)
+    assert list(runs.groups) == [
+        ("full", "full"),
+        ("snapkv", "budget64"),
+        ("streamingllm", "budget64"),
+    ]
+    for _, rows in runs:
+        assert list(zip(rows["subtask"], rows["bucket"], rows["n"], strict=True)) == [
+            (subtask, bucket, n)
+            for subtask, n in (("qasper", 1), ("lcc", 1), ("average", 2))
+            for bucket in ("0-4k", "4-8k", "8k+")
+        ]
+        average = rows[rows["subtask"] == "average"].set_index("bucket")["score"]
+        datasets = rows[rows["subtask"] != "average"].groupby("bucket")["score"].mean()
+        assert average.to_dict() == pytest.approx(datasets.to_dict())
+    text = (results / "longbench_e.md").read_text()
+    assert (
+        "| model | task | method | variant | budget | protocol | subtask | 0-4k | 4-8k | 8k+ |"
+        in text
+    )
+    assert not (results / "perplexity.csv").exists()
+
+
+def test_longbench_e_gets_a_score_against_length_figure(fixture_run) -> None:
+    results, written = fixture_run
+    assert "tiny-random_longbench_e_query_aware_score_vs_length.png" in {p.name for p in written}
+    (job,) = length_jobs(load_length_buckets(results), results.parent / "plots")
+    figure = job[1](*job[2])
+    (panel,) = [ax for ax in figure.axes if ax.axison]
+    assert panel.get_title() == "64 tokens/head"
+    assert [t.get_text() for t in panel.get_xticklabels()] == ["0-4k", "4-8k", "8k+"]
+    assert [line.get_label() for line in panel.get_lines()] == [
+        "Full cache",
+        "SnapKV",
+        "StreamingLLM",
+    ]
+
+
+def test_the_length_figure_draws_each_method_s_average_per_bucket() -> None:
+    def rows(method: str, budget: str, tokens: float, scores: list[float]) -> list[dict]:
+        return [
+            {"model": "m", "task": "longbench_e", "method": method, "variant": "", "budget": budget,
+             "budget_tokens": tokens, "ratio": float("nan"), "protocol": "query_aware",
+             "subtask": "average", "bucket": bucket, "score": score, "n": 3}
+            for bucket, score in zip(["8k+", "0-4k", "4-8k"], scores, strict=True)
+        ]  # fmt: skip
+
+    nan = float("nan")
+    table = pd.DataFrame(
+        rows("full", "full", nan, [30.0, 50.0, 40.0])
+        + rows("snapkv", "budget128", 128.0, [10.0, 40.0, 20.0])
+        + rows("capkv", "budget64", 64.0, [15.0, 45.0, 25.0])
+        + rows("capkv", "budget128", 128.0, [20.0, 48.0, 30.0])
+    )
+    figure = length_figure(table, "title")
+    panels = [ax for ax in figure.axes if ax.axison]
+    assert [ax.get_title() for ax in panels] == ["64 tokens/head", "128 tokens/head"]
+    drawn = {
+        (ax.get_title(), line.get_label()): list(line.get_ydata())
+        for ax in panels
+        for line in ax.get_lines()
+    }
+    assert drawn == {
+        ("64 tokens/head", "Full cache"): [50.0, 40.0, 30.0],
+        ("64 tokens/head", "CapKV"): [45.0, 25.0, 15.0],
+        ("128 tokens/head", "Full cache"): [50.0, 40.0, 30.0],
+        ("128 tokens/head", "CapKV"): [48.0, 30.0, 20.0],
+        ("128 tokens/head", "SnapKV"): [40.0, 20.0, 10.0],
+    }
 
 
 def test_make_reproduce_names_the_command_that_adds_longbench() -> None:
