@@ -122,7 +122,11 @@ class LongBench:
                     f"{path.name} was not found in data_dir {str(folder.resolve())!r}; put the "
                     "official LongBench JSONL files there or drop the dataset from task.datasets."
                 )
-            check_jsonl(path, self.max_examples)
+            if self.variant == E:  # every record checked, and its length too, before any model
+                for index, record in enumerate(read_jsonl(path, self.max_examples)):
+                    bucket_of(record, path, index)
+            else:
+                check_jsonl(path, self.max_examples)
 
     def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
         """Yield the examples of every selected dataset, prompts cut to the model's limit.
