@@ -379,6 +379,8 @@ def test_each_bad_hub_input_is_refused_in_one_line_writing_nothing(hub_refusals,
         assert not cache.exists()
     if name in REFUSED_ZIPS:  # neither an unpacked folder nor a temporary one is left
         assert [p.name for p in folder.parent.iterdir()] == [f"{folder.name}.lock"]
+    if name == "not a zip":  # the blob of the Hugging Face cache, which is what to delete
+        assert "/datasets--garbage--LongBench/blobs/" in lines[0]
 
 
 # ---------------------------------------------------------------- atomic unpack

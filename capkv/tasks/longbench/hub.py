@@ -15,8 +15,9 @@ Once, atomically, and checked on use:
 
 - ``huggingface_hub`` downloads the file once however many jobs ask at the same time (its own
   lock on the file), then one process unpacks while the others wait on a lock beside the folder
-  (:func:`capkv.storage.locking.locked`, released by the kernel if the holder dies) and find the folder
-  made: a SLURM array downloads and unpacks once; a failed download writes nothing of ours;
+  (:func:`capkv.storage.locking.locked`, released by the kernel if the holder dies) and find
+  the folder made: a SLURM array downloads and unpacks once; a failed download writes nothing
+  of ours;
 - the unpack is written into a temporary sibling folder, ``manifest.json`` (each file's size and
   SHA-256) last, then renamed into place in one step: a killed unpack leaves only a temporary
   folder, which the next unpack removes, never a half folder that a run would trust;
@@ -149,7 +150,7 @@ def unpack(zip_path: Path, folder: Path, repo: str) -> None:
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as error:
             raise ValueError(
                 f"{zip_path} (data.zip of {repo}) is not a readable zip archive ({error}); delete "
-                "it, a damaged download, and run again to download it afresh."
+                f"{zip_path.resolve()}, a damaged download, and run again to download it afresh."
             ) from None
         manifest = {
             "repo": repo,
