@@ -2,7 +2,9 @@
 
 Both protocols see exactly the same tokens: the prompt is rendered once (with the model's chat
 template where the task asks for it), split where the question starts, and the two pieces are
-tokenised separately. ``query_aware`` prefills ``context_ids + question_ids`` together;
+tokenised separately, unless a token would merge across the split: then the whole prompt's
+tokens are split instead (:func:`tokenize_prompt`), so that the ids are always those of the
+prompt as one text. ``query_aware`` prefills ``context_ids + question_ids`` together;
 ``context_only`` prefills ``context_ids`` and feeds ``question_ids`` after compression.
 """
 
