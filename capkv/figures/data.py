@@ -13,15 +13,18 @@ from pathlib import Path
 import pandas as pd
 
 from capkv.figures.style import is_full
+from capkv.results import length_buckets
 from capkv.results.metrics import is_perplexity, load_metrics
 from capkv.results.store import IDENTITY_KEYS, RUN_KEYS, RUNS
 from capkv.results.tables import score_table
+from capkv.tasks.longbench.task import BENCHMARK_E
 
 SCORES = "scores.csv"
 NEEDLE = "needle.csv"
 INTERVALS = "intervals.csv"
 TABLES = (SCORES, NEEDLE, INTERVALS)
 PERPLEXITY = "perplexity.csv"  # folders with perplexity runs (capkv.results.perplexity) only
+LONGBENCH_E = f"{length_buckets.TABLE}.csv"  # folders with LongBench-E runs only
 NEEDLE_COLUMNS = [*IDENTITY_KEYS, "context_length", "depth", "prompt_tokens"]
 
 
@@ -52,11 +55,13 @@ def check_fresh(results_dir: Path) -> None:
             f"{results_dir / missing[0]} is missing; build the tables from the run folders with "
             f"{rebuild_command(results_dir)}, then draw."
         )
-    if any(is_perplexity(m) for m in runs.values()) and not (results_dir / PERPLEXITY).exists():
-        raise ValueError(
-            f"{results_dir / PERPLEXITY} is missing; build the tables from the run folders with "
-            f"{rebuild_command(results_dir)}, then draw."
-        )
+    optional = {PERPLEXITY: is_perplexity, LONGBENCH_E: lambda m: m.get("benchmark") == BENCHMARK_E}
+    for name, holds in optional.items():
+        if any(holds(m) for m in runs.values()) and not (results_dir / name).exists():
+            raise ValueError(
+                f"{results_dir / name} is missing; build the tables from the run folders with "
+                f"{rebuild_command(results_dir)}, then draw."
+            )
     if (results_dir / SCORES).read_text(encoding="utf-8") != score_table(runs).to_csv(index=False):
         raise ValueError(
             f"{results_dir / SCORES} is older than the run folders under {results_dir / RUNS}; "
@@ -100,6 +105,12 @@ def load_tables(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
     first."""
     check_fresh(results_dir)
     return tuple(read_csv(results_dir / name) for name in TABLES)
+
+
+def load_length_buckets(results_dir: Path) -> pd.DataFrame:
+    """``longbench_e.csv`` of ``results_dir`` (empty where no run is of LongBench-E); call after
+    :func:`load_tables`, which checks that it is there when it should be."""
+    return read_csv(results_dir / LONGBENCH_E)
 
 
 def load_perplexity(results_dir: Path) -> pd.DataFrame:

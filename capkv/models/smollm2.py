@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from capkv.models.cache import cache_root
 from capkv.models.support import check_attn_implementation, finish, resolve_dtype
 from capkv.storage.locking import locked
 
@@ -76,10 +77,10 @@ def default_smollm2_cache() -> Path:
     ``$CAPKV_CACHE/models/smollm2-135m-instruct-transformers5`` when ``CAPKV_CACHE`` is set,
     else the same under ``~/.cache/capkv``.
     """
-    root = os.environ.get("CAPKV_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "capkv"
     major = transformers.__version__.split(".")[0]
-    return base / SMOLLM2_CACHE_SUBDIR.with_name(f"{SMOLLM2_CACHE_SUBDIR.name}-transformers{major}")
+    return cache_root() / SMOLLM2_CACHE_SUBDIR.with_name(
+        f"{SMOLLM2_CACHE_SUBDIR.name}-transformers{major}"
+    )
 
 
 def _is_converted(folder: Path) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from capkv.results import comparisons, perplexity
+from capkv.results import comparisons, length_buckets, perplexity
 from capkv.results.format import interval_markdown, markdown, with_identity_types
 from capkv.results.metrics import (
     DIAGNOSTICS,
@@ -202,7 +202,8 @@ def main_table_markdown(table: pd.DataFrame) -> str:
 def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Write ``scores.csv/.md`` (every run), ``main_table.csv/.md`` (method x budget, headline
     score per task and task family), ``needle.csv`` and, where perplexity runs are,
-    ``perplexity.csv/.md`` under ``results_dir``; return the frames.
+    ``perplexity.csv/.md``, where LongBench-E runs are, ``longbench_e.csv/.md`` (scores per
+    length bucket) under ``results_dir``; return the frames.
 
     The tables are a function of the run folders alone. One process rebuilds them at a time (a
     lock in the results folder), so concurrent runs never drop each other's cells; a cell
@@ -229,6 +230,7 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
             "intervals": intervals,
             "paired": comparisons.paired_table(ranked),
             "perplexity": perplexity.perplexity_table(runs),
+            length_buckets.TABLE: length_buckets.length_bucket_table(runs),
         }
         incomplete = incomplete_cells(runs)
         note = "".join(f"\nIncomplete: {line}.\n" for line in incomplete)
@@ -237,9 +239,12 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
             "main_table": main_table_markdown(table),
             "paired": comparisons.paired_markdown(frames["paired"]),
             "perplexity": perplexity.perplexity_markdown(frames["perplexity"]),
+            length_buckets.TABLE: length_buckets.length_bucket_markdown(
+                frames[length_buckets.TABLE]
+            ),
         }
         for name, frame in frames.items():
-            if name == "perplexity" and frame.empty:  # only folders with perplexity runs
+            if name in ("perplexity", length_buckets.TABLE) and frame.empty:  # only where run
                 for suffix in (".csv", ".md"):
                     (results_dir / f"{name}{suffix}").unlink(missing_ok=True)
                 continue

@@ -2,7 +2,9 @@
 
 Both protocols see exactly the same tokens: the prompt is rendered once (with the model's chat
 template where the task asks for it), split where the question starts, and the two pieces are
-tokenised separately. ``query_aware`` prefills ``context_ids + question_ids`` together;
+tokenised separately, unless a token would merge across the split: then the whole prompt's
+tokens are split instead (:func:`tokenize_prompt`), so that the ids are always those of the
+prompt as one text. ``query_aware`` prefills ``context_ids + question_ids`` together;
 ``context_only`` prefills ``context_ids`` and feeds ``question_ids`` after compression.
 """
 
@@ -44,11 +46,27 @@ def render_parts(tokenizer: Any, example: Example) -> tuple[str, str]:
 
 
 def tokenize_prompt(tokenizer: Any, example: Example) -> PromptIds:
-    """Tokenise the two parts; the beginning-of-sequence token, if any, opens the context."""
+    """Tokenise the two parts; the beginning-of-sequence token, if any, opens the context.
+
+    The ids are always those of the whole prompt tokenised as one text (what a model given the
+    prompt as a string would read, e.g. LongBench's ``pred.py``): the two parts are tokenised
+    apart, and where a token would merge across the seam, so that the two lists differ from the
+    whole one, the whole one is split instead, before its first token that starts in the question
+    (a fast tokenizer's character offsets; a token across the seam stays with the context).
+    """
     before, after = render_parts(tokenizer, example)
     templated = example.use_chat_template and getattr(tokenizer, "chat_template", None)
     context = tokenizer(before, add_special_tokens=not templated)["input_ids"]
     question = tokenizer(after, add_special_tokens=False)["input_ids"]
+    if after and getattr(tokenizer, "is_fast", False):
+        whole = tokenizer(
+            before + after, add_special_tokens=not templated, return_offsets_mapping=True
+        )
+        if context + question != whole["input_ids"]:
+            ids, offsets = whole["input_ids"], whole["offset_mapping"]
+            starts = (i for i, (start, end) in enumerate(offsets) if end > start >= len(before))
+            split = next(starts, len(ids))
+            context, question = ids[:split], ids[split:]
     # token ids stay integers when a part is empty (a reading task has no question)
     return PromptIds(
         torch.tensor([context], dtype=torch.long), torch.tensor([question], dtype=torch.long)

@@ -22,6 +22,8 @@ from capkv.tasks.longbench import (
     read_jsonl,
     truncate_middle,
 )
+from capkv.tasks.longbench.buckets import BucketScore, bucket_scores
+from capkv.tasks.longbench.settings import E_DATASETS, length_bucket
 from tests.conftest import train_bpe_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "longbench"
@@ -50,7 +52,7 @@ NO_CHAT = {"trec", "triviaqa", "samsum", "lcc", "repobench-p"}
 
 # The official question parts of a few templates, written out to guard against edits.
 EXPECTED_QUESTION_TEMPLATE = {
-    "narrativeqa": "\n\nNow, answer the question based on the story as concisely as you can, "
+    "narrativeqa": "\n\nNow, answer the question based on the story asconcisely as you can, "
     "using a single phrase if possible. Do not provide any explanation.\n\nQuestion: {input}"
     "\n\nAnswer:",
     "gov_report": "\n\nNow, write a one-page summary of the report.\n\nSummary:",
@@ -161,24 +163,22 @@ def test_hydra_instantiates_the_task() -> None:
 def test_short_prompts_are_left_whole(tokenizer: Any) -> None:
     row = records("hotpotqa")[0]
     fmt = PROMPT_FORMATS["hotpotqa"]
-    prompt_tokens = len("".join(fmt.parts(row["context"], row["input"])).encode())
-    kept = truncate_middle(tokenizer, fmt, row["context"], row["input"], prompt_tokens)
-    assert kept == row["context"]
+    prompt = "".join(fmt.parts(row["context"], row["input"]))
+    assert truncate_middle(tokenizer, prompt, len(prompt.encode())) == ("", prompt)
 
 
-def test_middle_truncation_keeps_both_ends_of_the_context(tokenizer: Any) -> None:
-    # byte tokenizer: tokens = bytes. Cutting 41 tokens leaves keep = len(context) - 41 of the
-    # context, keep // 2 from its start and keep - keep // 2 from its end.
+def test_middle_truncation_keeps_half_the_limit_at_each_end(tokenizer: Any) -> None:
+    # byte tokenizer: tokens = bytes, so pred.py keeps int(limit / 2) bytes from each end
     row = records("narrativeqa")[0]
     fmt = PROMPT_FORMATS["narrativeqa"]
-    context = row["context"]
-    prompt_tokens = len("".join(fmt.parts(context, row["input"])).encode())
-    budget = prompt_tokens - 41
-    kept = truncate_middle(tokenizer, fmt, context, row["input"], budget)
-    keep = len(context) - 41
-    assert kept == context[: keep // 2] + context[len(context) - (keep - keep // 2) :]
-    example = next(LongBench(["narrativeqa"], str(FIXTURES)).examples(tokenizer, budget))
-    assert len((example.context + example.question).encode()) == budget
+    prompt = "".join(fmt.parts(row["context"], row["input"]))
+    limit = len(prompt) - 41
+    assert truncate_middle(tokenizer, prompt, limit) == (
+        prompt[: limit // 2],
+        prompt[len(prompt) - limit // 2 :],
+    )
+    example = next(LongBench(["narrativeqa"], str(FIXTURES)).examples(tokenizer, limit))
+    assert example.context + example.question == prompt[: limit // 2] + prompt[-(limit // 2) :]
     assert example.question == fmt.parts("", row["input"])[1]
 
 
@@ -186,26 +186,35 @@ def test_middle_truncation_keeps_both_ends_of_the_context(tokenizer: Any) -> Non
 def test_truncated_prompts_fit_a_multi_character_tokenizer(
     bpe_tokenizer: PreTrainedTokenizerFast, dataset: str
 ) -> None:
-    # budget: the longest prompt with an empty context plus 15 tokens, so every context is cut
+    # limit: the longest prompt with an empty context plus 15 tokens, so every context is cut
     tokenizer = bpe_tokenizer
     fmt = PROMPT_FORMATS[dataset]
 
     def count(text: str) -> int:
-        return len(tokenizer.encode(text, add_special_tokens=False))
+        return len(tokenizer(text)["input_ids"])
 
-    budget = 15 + max(count("".join(fmt.parts("", row["input"]))) for row in records(dataset))
-    examples = all_examples(tokenizer, budget, datasets=[dataset])
+    limit = 15 + max(count("".join(fmt.parts("", row["input"]))) for row in records(dataset))
+    examples = all_examples(tokenizer, limit, datasets=[dataset])
     for example, row in zip(examples, records(dataset), strict=True):
         prompt = example.context + example.question
-        assert count(prompt) <= budget
+        assert count(prompt) <= limit
         full = "".join(fmt.parts(row["context"], row["input"]))
         assert len(prompt) < len(full)
-        assert example.question == fmt.parts("", row["input"])[1]
 
 
-def test_budget_below_the_instructions_is_rejected(tokenizer: Any) -> None:
-    with pytest.raises(ValueError, match="even with an empty context"):
-        all_examples(tokenizer, budget=20, datasets=["qasper"])
+def test_a_question_longer_than_half_the_limit_is_cut_like_the_rest(tokenizer: Any) -> None:
+    # pred.py cuts the whole prompt: the kept end is then the question part
+    row = records("qasper")[0]
+    fmt = PROMPT_FORMATS["qasper"]
+    prompt = "".join(fmt.parts(row["context"], row["input"]))
+    limit = 300  # the question part alone is longer than 150 bytes
+    (example,) = all_examples(tokenizer, limit, datasets=["qasper"], max_examples=1)
+    assert example.context == prompt[:150] and example.question == prompt[-150:]
+
+
+def test_a_limit_of_one_token_is_rejected(tokenizer: Any) -> None:
+    with pytest.raises(ValueError, match="too small to keep the ends"):
+        all_examples(tokenizer, budget=1, datasets=["qasper"])
 
 
 def test_score_uses_the_official_metric(tokenizer: Any) -> None:
@@ -236,18 +245,22 @@ def test_data_dir_without_the_jsonl_file_names_it(tmp_path: Path) -> None:
         LongBench(datasets=["trec", "qasper"], data_dir=str(tmp_path))
 
 
-def test_unreachable_hub_says_to_pass_data_dir(
-    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import datasets
+def test_max_length_cuts_prompts_below_the_model_limit(tokenizer: Any) -> None:
+    row = records("narrativeqa")[0]
+    prompt = PROMPT_TEMPLATES["narrativeqa"].format(**row)
+    limit = len(prompt) - 41
+    task = LongBench(["narrativeqa"], str(FIXTURES), max_length=limit, max_examples=1)
+    (short,) = task.examples(tokenizer, BIG_BUDGET)
+    (same,) = task.examples(tokenizer, limit + 1000)  # the smaller limit wins
+    (model,) = LongBench(["narrativeqa"], str(FIXTURES), max_examples=1).examples(tokenizer, limit)
+    assert short.context + short.question == prompt[: limit // 2] + prompt[-(limit // 2) :]
+    assert short == same == model
 
-    def offline(*args: Any, **kwargs: Any) -> None:
-        raise ConnectionError("hub unreachable")
 
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    task = LongBench(datasets=["trec"])
-    with pytest.raises(ValueError, match=r"task\.data_dir=<folder of official JSONL files>"):
-        next(task.examples(tokenizer, BIG_BUDGET))
+@pytest.mark.parametrize("bad", [0, 1, 2.5, True, "8k"])
+def test_a_bad_max_length_is_refused(bad: Any) -> None:
+    with pytest.raises(ValueError, match=r"task\.max_length=.* is not a number of tokens"):
+        LongBench(data_dir=str(FIXTURES), max_length=bad)
 
 
 def test_non_positive_max_examples_is_rejected() -> None:
@@ -360,3 +373,56 @@ def test_a_bad_record_is_refused_with_file_line_and_field(tmp_path, bad_line, me
         CustomJsonlTask(str(path), "qa_f1_score", "{context}\n{input}", 8)
     assert message in str(error.value)
     assert len(list(read_jsonl(path, limit=1))) == 1  # the lines before it are readable
+
+
+def test_longbench_e_reads_the_e_files_with_their_length_buckets(tokenizer: Any) -> None:
+    task = LongBench(["trec", "lcc"], str(FIXTURES), variant="e")
+    assert task.name == "longbench_e"
+    examples = list(task.examples(tokenizer, BIG_BUDGET))
+    rows = records("trec_e") + records("lcc_e")
+    assert [e.example_id for e in examples] == [
+        f"{name}/{row['_id']}" for name, row in zip(["trec"] * 3 + ["lcc"] * 3, rows, strict=True)
+    ]
+    assert [e.metadata["length_bucket"] for e in examples] == ["0-4k", "4-8k", "8k+"] * 2
+    assert [e.metadata["subtask"] for e in examples] == ["trec"] * 3 + ["lcc"] * 3
+    assert LongBench.reporting({"variant": "e"}).benchmark == "longbench_e"
+    assert list(LongBench.reporting({"variant": "e"}).families) == list(E_DATASETS)
+
+
+@pytest.mark.parametrize(
+    ("length", "bucket"),
+    [(0, "0-4k"), (3999, "0-4k"), (4000, "4-8k"), (7999, "4-8k"), (8000, "8k+"), (10**6, "8k+")],
+)
+def test_length_buckets_are_eval_py_s(length: int, bucket: str) -> None:
+    assert length_bucket(length) == bucket
+
+
+def test_a_longbench_e_record_without_length_is_named(tmp_path: Path) -> None:
+    row = records("trec_e")[0]
+    write_jsonl(tmp_path / "trec_e.jsonl", [row, {**row, "length": None}])
+    with pytest.raises(ValueError, match=r"record 1 of .*trec_e\.jsonl has length=None"):
+        LongBench(["trec"], str(tmp_path), variant="e")  # refused before any model loads
+
+
+def test_bucket_scores_average_each_dataset_then_the_datasets() -> None:
+    def row(subtask: str, bucket: str | None, score: float) -> dict[str, Any]:
+        return {
+            "subtask": subtask,
+            "scores": {"score": score},
+            "metadata": {"length_bucket": bucket},
+        }
+
+    rows = [
+        row("lcc", "0-4k", 1.0),
+        row("trec", "8k+", 0.5),
+        row("trec", "0-4k", 0.0),
+        row("trec", "0-4k", 1.0),
+        row("lcc", None, 1.0),  # no bucket: not a LongBench-E row
+    ]
+    assert bucket_scores(rows) == [
+        BucketScore("trec", "0-4k", 50.0, 2),
+        BucketScore("trec", "8k+", 50.0, 1),
+        BucketScore("lcc", "0-4k", 100.0, 1),
+        BucketScore("average", "0-4k", 75.0, 3),  # (50 + 100) / 2: each dataset counts once
+        BucketScore("average", "8k+", 50.0, 1),
+    ]

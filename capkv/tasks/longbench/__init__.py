@@ -5,12 +5,18 @@ official THUDM/LongBench code (``config/dataset2prompt.json``, ``config/dataset2
 ``pred.py``, ``eval.py``). The package holds all of it:
 
 - ``datasets.json`` and :mod:`~capkv.tasks.longbench.settings`: each dataset's template,
-  generation length, chat-template rule, metric, first-line rule and family;
-- :mod:`~capkv.tasks.longbench.prompts`: filling, splitting and middle truncation of prompts;
-- :mod:`~capkv.tasks.longbench.data`: records from JSONL files or the hub, checked;
+  generation length, chat-template rule, metric, first-line rule, family and LongBench-E
+  membership, and LongBench-E's length buckets;
+- :mod:`~capkv.tasks.longbench.prompts`: filling, middle truncation and splitting of prompts;
+- :mod:`~capkv.tasks.longbench.data`: records from JSONL files, checked;
+- :mod:`~capkv.tasks.longbench.hub`: the official ``data.zip`` from the hub, unpacked once into
+  the cache (``python -m capkv.tasks.longbench`` prepares it);
 - :mod:`~capkv.tasks.longbench.metrics`: the six metrics;
-- :mod:`~capkv.tasks.longbench.task`: :class:`LongBench` (``task=longbench``) and
-  :class:`CustomJsonlTask` (``task=custom``).
+- :mod:`~capkv.tasks.longbench.buckets`: LongBench-E's scores per length bucket;
+- :mod:`~capkv.tasks.longbench.task`: :class:`LongBench` (``task=longbench``,
+  ``task=longbench_e``) and :class:`CustomJsonlTask` (``task=custom``).
+
+docs/longbench.md tells how to run them and where we depart from the official code.
 """
 
 from capkv.tasks.longbench.data import check_jsonl, check_record, read_jsonl
@@ -20,11 +26,18 @@ from capkv.tasks.longbench.prompts import (
     build_example,
     truncate_middle,
 )
-from capkv.tasks.longbench.settings import DATASETS, FAMILIES, MAX_NEW_TOKENS, PROMPT_TEMPLATES
+from capkv.tasks.longbench.settings import (
+    DATASETS,
+    E_DATASETS,
+    FAMILIES,
+    MAX_NEW_TOKENS,
+    PROMPT_TEMPLATES,
+)
 from capkv.tasks.longbench.task import CustomJsonlTask, LongBench
 
 __all__ = [
     "DATASETS",
+    "E_DATASETS",
     "FAMILIES",
     "MAX_NEW_TOKENS",
     "PROMPT_FORMATS",

@@ -1,16 +1,13 @@
-"""LongBench records: JSONL files of the official schema, checked line by line, or the hub."""
+"""LongBench records: JSONL files of the official schema, checked line by line."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-HUB_DATASET = "THUDM/LongBench"
 _REQUIRED_FIELDS = ("input", "context", "answers")
 
 
@@ -117,38 +114,3 @@ def check_jsonl(path: Path, limit: int | None = None) -> None:
     model loads."""
     for _ in read_jsonl(path, limit):
         pass
-
-
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether the hub answers at all (so an offline machine fails in seconds, not retries)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return True  # offline mode reads the local datasets cache; let load_dataset decide
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-def load_hub(name: str, limit: int | None) -> Iterable[dict[str, Any]]:
-    """The test split of one LongBench dataset from the Hugging Face hub."""
-    import datasets
-
-    if not hub_reachable():
-        raise ValueError(
-            f"The Hugging Face hub cannot be reached to load {HUB_DATASET} '{name}'; download "
-            "the official JSONL files (data.zip) and pass task.data_dir=<folder of official "
-            "JSONL files>."
-        )
-    try:
-        data = datasets.load_dataset(HUB_DATASET, name, split="test")
-    except Exception as err:
-        raise ValueError(
-            f"Could not load {HUB_DATASET} '{name}' from the Hugging Face hub ({err}); download "
-            "the official JSONL files (data.zip) and pass task.data_dir=<folder of official "
-            "JSONL files>."
-        ) from err
-    return (
-        check_record(dict(r), f"{HUB_DATASET} '{name}' record {i}")
-        for i, r in enumerate(islice(data, limit))
-    )

@@ -1,15 +1,13 @@
-"""LongBench prompts: the template of a dataset filled with a record, split after the context,
-the context cut in the middle to fit the prompt budget.
+"""LongBench prompts: the template of a dataset filled with a record, cut in the middle to the
+model's prompt limit as ``pred.py`` cuts it, and split where the question starts.
 
-Each official template is split after ``{context}``: the part up to and including the context
-becomes :attr:`Example.context`, the rest (instructions that follow the context, ``{input}``,
-"Answer:") becomes :attr:`Example.question`, so that ``context + question`` is exactly the
-official prompt.
-
-Difference from ``pred.py``: it cuts the middle out of the whole tokenised prompt; we cut the
-middle out of the context only, so that the instructions and the question are never cut, and we
-count the tokens of the prompt text without special tokens or chat template (the runner's limit,
-:func:`capkv.tasks.common.prompt_limit`, leaves room for those).
+``pred.py`` fills the template, tokenises it (special tokens included) and, when it is longer than
+the model's ``max_length``, keeps the decoded first and last ``max_length / 2`` tokens. We do the
+same with the runner's prompt limit (:func:`capkv.harness.runner.max_prompt_tokens`, the window less room
+for the answer and the chat template) as ``max_length``, then split the prompt after the context:
+everything before the template's text that follows ``{context}`` becomes :attr:`Example.context`,
+the rest (instructions after the context, ``{input}``, "Answer:") :attr:`Example.question`, so
+that ``context + question`` is exactly the official prompt.
 """
 
 from __future__ import annotations
@@ -82,32 +80,71 @@ PROMPT_FORMATS: dict[str, PromptFormat] = {
 }
 
 
-def _count_tokens(tokenizer: Any, text: str) -> int:
-    return len(tokenizer.encode(text, add_special_tokens=False))
+def _token_count(tokenizer: Any, text: str) -> int:
+    """Tokens of ``text`` as ``pred.py`` counts them: ``tokenizer(prompt)``, special tokens in."""
+    return len(tokenizer(text)["input_ids"])
 
 
-def _keep_ends(tokenizer: Any, ids: list[int], keep: int) -> str:
-    """Decode the first ``keep // 2`` and the last ``keep - keep // 2`` tokens, joined."""
-    head = keep // 2
-    tail_start = len(ids) - (keep - head)
-    return tokenizer.decode(ids[:head], skip_special_tokens=True) + tokenizer.decode(
-        ids[tail_start:], skip_special_tokens=True
-    )
+def truncate_middle(tokenizer: Any, prompt: str, max_prompt_tokens: int) -> tuple[str, str]:
+    """The official middle truncation of a whole prompt to ``max_prompt_tokens`` tokens.
 
-
-def truncate_middle(
-    tokenizer: Any, fmt: PromptFormat, context: str, input_text: str, max_prompt_tokens: int
-) -> str:
-    """Cut the middle out of the context until the filled prompt fits the token budget.
-
-    As in LongBench's ``pred.py`` the first and last halves are kept, since instructions and the
-    most relevant text tend to sit at the ends. Decoding and re-encoding can shift the count by a
-    token, so the cut is repeated until the prompt fits.
+    ``pred.py``: tokenise the filled prompt (special tokens included); if it has more than
+    ``max_length`` tokens, keep the decoded first ``int(max_length / 2)`` and last
+    ``int(max_length / 2)`` tokens (``skip_special_tokens=True``), joined, since instructions and
+    the question sit at the ends. One departure, where the official prompt would not fit: when
+    decoding and re-encoding makes the joined text longer than the limit (a token or two, at the
+    seam), both halves shrink until it fits.
 
     Parameters
     ----------
     tokenizer : Any
-        A Hugging Face tokenizer (``encode``/``decode``).
+        A Hugging Face tokenizer.
+    prompt : str
+        The filled template.
+    max_prompt_tokens : int
+        The model's prompt limit (pred.py's ``max_length``).
+
+    Returns
+    -------
+    tuple[str, str]
+        ``(head, tail)``: the kept beginning and end, ``("", prompt)`` when nothing is cut.
+
+    Raises
+    ------
+    ValueError
+        If the limit is too small to keep a token at each end.
+    """
+    ids = tokenizer(prompt)["input_ids"]
+    if len(ids) <= max_prompt_tokens:
+        return "", prompt
+    half = int(max_prompt_tokens / 2)
+    while half >= 1:
+        head = tokenizer.decode(ids[:half], skip_special_tokens=True)
+        tail = tokenizer.decode(ids[-half:], skip_special_tokens=True)
+        excess = _token_count(tokenizer, head + tail) - max_prompt_tokens
+        if excess <= 0:
+            return head, tail
+        half -= (excess + 1) // 2
+    raise ValueError(
+        f"max_prompt_tokens={max_prompt_tokens} is too small to keep the ends of a LongBench "
+        "prompt; use a model with a longer window."
+    )
+
+
+def fit_parts(
+    tokenizer: Any, fmt: PromptFormat, context: str, input_text: str, max_prompt_tokens: int
+) -> tuple[str, str]:
+    """The prompt's context and question parts, the whole prompt cut as ``pred.py`` cuts it.
+
+    The question part is the template's text after ``{context}``, filled; when the cut leaves it
+    whole at the end of the prompt, the split falls just before it. When the cut reaches into it
+    (a question longer than half the limit) the split falls at the cut: the kept end of the
+    prompt is the question part. Either way ``context + question`` is the official prompt.
+
+    Parameters
+    ----------
+    tokenizer : Any
+        A Hugging Face tokenizer.
     fmt : PromptFormat
         The dataset's prompt format.
     context : str
@@ -115,34 +152,19 @@ def truncate_middle(
     input_text : str
         The record's input.
     max_prompt_tokens : int
-        Budget for the prompt text (context part + question part), without special tokens.
+        The model's prompt limit.
 
     Returns
     -------
-    str
-        The context, shortened if needed.
-
-    Raises
-    ------
-    ValueError
-        If the prompt does not fit even with an empty context.
+    tuple[str, str]
+        ``(context part, question part)``.
     """
-    excess = _count_tokens(tokenizer, "".join(fmt.parts(context, input_text))) - max_prompt_tokens
-    if excess <= 0:
-        return context
-    ids = tokenizer.encode(context, add_special_tokens=False)
-    keep = len(ids)
-    while excess > 0:
-        if keep == 0:
-            raise ValueError(
-                f"The prompt is over max_prompt_tokens={max_prompt_tokens} even with an empty "
-                "context; raise max_prompt_tokens."
-            )
-        keep = max(keep - excess, 0)
-        context = _keep_ends(tokenizer, ids, keep)
-        prompt = "".join(fmt.parts(context, input_text))
-        excess = _count_tokens(tokenizer, prompt) - max_prompt_tokens
-    return context
+    context_part, question_part = fmt.parts(context, input_text)
+    head, tail = truncate_middle(tokenizer, context_part + question_part, max_prompt_tokens)
+    prompt = head + tail
+    if prompt.endswith(question_part):
+        return prompt[: len(prompt) - len(question_part)], question_part
+    return head, tail
 
 
 def build_example(
@@ -176,8 +198,9 @@ def build_example(
         The formatted example.
     """
     input_text = record["input"] or ""
-    context = truncate_middle(tokenizer, fmt, record["context"], input_text, max_prompt_tokens)
-    context_part, question_part = fmt.parts(context, input_text)
+    context_part, question_part = fit_parts(
+        tokenizer, fmt, record["context"], input_text, max_prompt_tokens
+    )
     return Example(
         example_id=example_id,
         context=context_part,

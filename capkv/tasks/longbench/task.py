@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from capkv.tasks.base import Example, Reporting
-from capkv.tasks.longbench.data import check_jsonl, load_hub, read_jsonl
+from capkv.tasks.longbench.data import check_jsonl, read_jsonl
+from capkv.tasks.longbench.hub import HUB_REPO, hub_data_dir
 from capkv.tasks.longbench.metrics import METRICS, best_score, first_line, score_prediction
 from capkv.tasks.longbench.prompts import PROMPT_FORMATS, PromptFormat, build_example
-from capkv.tasks.longbench.settings import DATASETS, FAMILIES
+from capkv.tasks.longbench.settings import (
+    DATASETS,
+    E_DATASETS,
+    E_SUFFIX,
+    FAMILIES,
+    STANDARD,
+    VARIANTS,
+    E,
+    length_bucket,
+)
 
 HEADLINE = "score"
+BENCHMARK, BENCHMARK_E = "longbench", "longbench_e"
 
 
 def _check_limit(max_examples: int | None) -> None:
@@ -23,7 +34,8 @@ def _check_limit(max_examples: int | None) -> None:
 
 @dataclass
 class LongBench:
-    """LongBench's 16 English and code datasets (Bai et al. 2023, arXiv 2308.14508).
+    """LongBench's 16 English and code datasets (Bai et al. 2023, arXiv 2308.14508), or
+    LongBench-E, 13 of them with lengths spread evenly over 0-4k, 4-8k and 8k+ words.
 
     Single- and multi-document QA, summarisation, few-shot learning, synthetic counting and
     retrieval, and code completion over long inputs; each dataset has its official prompt,
@@ -31,83 +43,118 @@ class LongBench:
 
     Attributes
     ----------
-    datasets : list[str]
-        Datasets to run, a subset of :data:`DATASETS` (default: all 16).
+    datasets : list[str] or None
+        Datasets to run, a subset of :data:`DATASETS` (LongBench-E: of :data:`E_DATASETS`);
+        None: all of the variant.
     data_dir : str or None
-        Folder holding the official ``<dataset>.jsonl`` files (from LongBench's ``data.zip``).
-        When None, datasets are loaded from the hub with
-        ``datasets.load_dataset("THUDM/LongBench", name, split="test")``.
+        Folder holding the official ``<dataset>.jsonl`` files (``<dataset>_e.jsonl`` for
+        LongBench-E), e.g. ``data/`` of LongBench's ``data.zip`` unpacked. When None, ``data.zip``
+        of ``hub_repo`` is downloaded and unpacked once into the project's cache
+        (:mod:`~capkv.tasks.longbench.hub`) and read from there.
+    hub_repo : str
+        Hugging Face dataset repository holding ``data.zip`` (default the official one).
+    variant : str
+        ``"standard"`` (LongBench) or ``"e"`` (LongBench-E: examples carry their length bucket,
+        ``metadata["length_bucket"]``, for per-bucket scores).
+    max_length : int or None
+        Cut prompts to this many tokens, as ``pred.py`` does with ``model2maxlen.json`` (e.g.
+        7950 for an 8k model in the PyramidKV and SnapKV evaluations); None, or a value above
+        the model's prompt limit: that limit (the window less room for the answer and template).
     max_examples : int or None
         Use only the first this many examples of each dataset (None: all).
-    name : str
-        Task name (results directory).
+    name : str or None
+        Task name (results directory); None: ``longbench`` or ``longbench_e``.
     """
 
-    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
+    datasets: list[str] | None = None
     data_dir: str | None = None
+    hub_repo: str = HUB_REPO
+    variant: str = STANDARD
+    max_length: int | None = None
     max_examples: int | None = None
-    name: str = "longbench"
+    name: str | None = None
+    _folder: Path = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.datasets, str):
-            self.datasets = [self.datasets]
-        self.datasets = list(self.datasets)
-        unknown = [name for name in self.datasets if name not in PROMPT_FORMATS]
-        if unknown:
-            raise ValueError(
-                f"Unknown LongBench dataset(s) {unknown}; choose from {list(DATASETS)}."
-            )
+        check_variant(self.variant)
+        self.datasets = variant_datasets(self.variant, self.datasets)
+        self.name = self.name or task_name(self.variant)
         _check_limit(self.max_examples)
-        if self.data_dir is not None:
-            self._check_data_dir(Path(self.data_dir))
+        if self.max_length is not None and (
+            not isinstance(self.max_length, int)
+            or isinstance(self.max_length, bool)
+            or self.max_length < 2
+        ):
+            raise ValueError(
+                f"task.max_length={self.max_length!r} is not a number of tokens of at least 2; "
+                "pass e.g. task.max_length=7950, or task.max_length=null for the model's limit."
+            )
+        files = [self.file_name(name) for name in self.datasets]
+        if self.data_dir is None:
+            self._folder = hub_data_dir(self.hub_repo, files)
+        else:
+            self._folder = Path(self.data_dir)
+        self._check_folder(self._folder)
 
     @classmethod
     def reporting(cls, config: Mapping[str, Any]) -> Reporting:
         """LongBench's score and each dataset's family (the paper's six groups)."""
-        datasets = config.get("datasets", DATASETS)
-        datasets = [datasets] if isinstance(datasets, str) else datasets
-        return Reporting("longbench", HEADLINE, {name: FAMILIES[name] for name in datasets})
+        variant = config.get("variant", STANDARD)
+        check_variant(variant)
+        datasets = variant_datasets(variant, config.get("datasets"))
+        benchmark = BENCHMARK_E if variant == E else BENCHMARK
+        return Reporting(benchmark, HEADLINE, {name: FAMILIES[name] for name in datasets})
 
-    def _check_data_dir(self, folder: Path) -> None:
+    def file_name(self, dataset: str) -> str:
+        """The JSONL file of ``dataset`` in this variant, e.g. ``qasper_e.jsonl``."""
+        return f"{dataset}{E_SUFFIX if self.variant == E else ''}.jsonl"
+
+    def _check_folder(self, folder: Path) -> None:
         if not folder.is_dir():
             raise ValueError(
                 f"data_dir {str(folder)!r} is not a folder; pass task.data_dir=<folder of "
                 "official LongBench JSONL files>, or task.data_dir=null to load from the hub."
             )
-        for name in self.datasets:
-            if not (folder / f"{name}.jsonl").is_file():
+        for name in self.datasets or ():
+            path = folder / self.file_name(name)
+            if not path.is_file():
                 raise ValueError(
-                    f"{name}.jsonl was not found in data_dir {str(folder.resolve())!r}; put the "
+                    f"{path.name} was not found in data_dir {str(folder.resolve())!r}; put the "
                     "official LongBench JSONL files there or drop the dataset from task.datasets."
                 )
-            check_jsonl(folder / f"{name}.jsonl", self.max_examples)
-
-    def _records(self, name: str) -> Iterable[dict[str, Any]]:
-        if self.data_dir is None:
-            return load_hub(name, self.max_examples)
-        return read_jsonl(Path(self.data_dir) / f"{name}.jsonl", self.max_examples)
+            if self.variant == E:  # every record checked, and its length too, before any model
+                for index, record in enumerate(read_jsonl(path, self.max_examples)):
+                    bucket_of(record, path, index)
+            else:
+                check_jsonl(path, self.max_examples)
 
     def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
-        """Yield the examples of every selected dataset, prompts fitted to the token budget.
+        """Yield the examples of every selected dataset, prompts cut to the model's limit.
 
         Parameters
         ----------
         tokenizer : Any
             The model's tokenizer.
         max_prompt_tokens : int
-            Budget for the prompt text (context + question), without special tokens.
+            The model's prompt limit; prompts are cut to it or to ``max_length``, the smaller
+            (``pred.py``'s ``max_length``).
 
         Yields
         ------
         Example
-            ``example_id`` is ``"<dataset>/<_id>"``; metadata holds ``subtask``,
-            ``all_classes`` and ``length``.
+            ``example_id`` is ``"<dataset>/<_id>"``; metadata holds ``subtask`` (the dataset),
+            ``all_classes``, ``length`` and, for LongBench-E, ``length_bucket``.
         """
-        for name in self.datasets:
+        limit = min(max_prompt_tokens, self.max_length or max_prompt_tokens)
+        for name in self.datasets or ():
             fmt = PROMPT_FORMATS[name]
-            for index, record in enumerate(self._records(name)):
+            path = self._folder / self.file_name(name)
+            for index, record in enumerate(read_jsonl(path, self.max_examples)):
                 example_id = f"{name}/{record.get('_id', index)}"
-                yield build_example(example_id, record, fmt, name, tokenizer, max_prompt_tokens)
+                example = build_example(example_id, record, fmt, name, tokenizer, limit)
+                if self.variant == E:
+                    example.metadata["length_bucket"] = bucket_of(record, path, index)
+                yield example
 
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         """Official LongBench score of one prediction (see :func:`score_prediction`).
@@ -129,6 +176,62 @@ class LongBench:
             metadata["subtask"], prediction, example.answers, metadata["all_classes"]
         )
         return {"score": value}
+
+
+def check_variant(variant: Any) -> None:
+    """Refuse, in one line, a ``task.variant`` other than ``standard`` or ``e``."""
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"task.variant={variant!r} is not a LongBench variant; choose task.variant=standard "
+            "(LongBench) or task.variant=e (LongBench-E)."
+        )
+
+
+def variant_datasets(variant: str, datasets: Any) -> list[str]:
+    """The datasets a LongBench run reads: ``datasets`` checked against the variant's, or all.
+
+    Parameters
+    ----------
+    variant : str
+        ``"standard"`` or ``"e"``.
+    datasets : list[str], str or None
+        The asked datasets (one name as a string; None: all of the variant).
+
+    Returns
+    -------
+    list[str]
+        Dataset names, in the order given.
+
+    Raises
+    ------
+    ValueError
+        If a name is not a dataset of the variant.
+    """
+    valid = E_DATASETS if variant == E else DATASETS
+    if datasets is None:
+        return list(valid)
+    names = [datasets] if isinstance(datasets, str) else list(datasets)
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        which = "LongBench-E" if variant == E else "LongBench"
+        raise ValueError(f"Unknown {which} dataset(s) {unknown}; choose from {list(valid)}.")
+    return names
+
+
+def task_name(variant: str) -> str:
+    """Default task name (results directory) of a variant."""
+    return BENCHMARK_E if variant == E else BENCHMARK
+
+
+def bucket_of(record: dict[str, Any], path: Path, index: int) -> str:
+    """The length bucket of a LongBench-E record, from its ``length`` field."""
+    length = record.get("length")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise ValueError(
+            f"record {index} of {path} has length={length!r}, not a count of words; LongBench-E "
+            "sorts records into length buckets by it, so give every record its length."
+        )
+    return length_bucket(length)
 
 
 @dataclass
