@@ -149,9 +149,9 @@ class LongBench:
         for name in self.datasets or ():
             fmt = PROMPT_FORMATS[name]
             path = self._folder / self.file_name(name)
-            for index, record in enumerate(read_jsonl(path, self.max_examples)):
-                example_id = f"{name}/{record.get('_id', index)}"
-                example = build_example(example_id, record, fmt, name, tokenizer, limit)
+            for index, record, example in file_examples(
+                path, name, fmt, tokenizer, limit, self.max_examples
+            ):
                 if self.variant == E:
                     example.metadata["length_bucket"] = bucket_of(record, path, index)
                 yield example
@@ -176,6 +176,25 @@ class LongBench:
             metadata["subtask"], prediction, example.answers, metadata["all_classes"]
         )
         return {"score": value}
+
+
+def file_examples(
+    path: Path,
+    subtask: str,
+    fmt: PromptFormat,
+    tokenizer: Any,
+    max_prompt_tokens: int,
+    max_examples: int | None,
+) -> Iterator[tuple[int, dict[str, Any], Example]]:
+    """The examples of one JSONL file in LongBench's schema, with each record and its line index:
+    ``example_id`` is ``"<subtask>/<_id>"`` (the line index when ``_id`` is absent)."""
+    for index, record in enumerate(read_jsonl(path, max_examples)):
+        example_id = f"{subtask}/{record.get('_id', index)}"
+        yield (
+            index,
+            record,
+            build_example(example_id, record, fmt, subtask, tokenizer, max_prompt_tokens),
+        )
 
 
 def check_variant(variant: Any) -> None:
@@ -309,12 +328,16 @@ class CustomJsonlTask:
         Example
             ``example_id`` is ``"<name>/<_id>"`` (the line index when ``_id`` is absent).
         """
-        records = read_jsonl(Path(self.path), self.max_examples)
-        for index, record in enumerate(records):
-            example_id = f"{self.name}/{record.get('_id', index)}"
-            yield build_example(
-                example_id, record, self._format, self.name, tokenizer, max_prompt_tokens
-            )
+        examples = file_examples(
+            Path(self.path),
+            self.name,
+            self._format,
+            tokenizer,
+            max_prompt_tokens,
+            self.max_examples,
+        )
+        for _, _, example in examples:
+            yield example
 
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         """Best score of the chosen metric over the reference answers.
