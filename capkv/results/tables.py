@@ -29,6 +29,9 @@ from capkv.storage.files import write_atomically
 from capkv.storage.locking import locked
 from capkv.tasks.base import Reporting
 
+# Tables written only where their kind of run is (perplexity, LongBench-E).
+OPTIONAL_TABLES = ("perplexity", length_buckets.TABLE)
+
 
 def score_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
     """One row per run and subtask (``subtask = "average"`` holds the task's headline), from
@@ -244,7 +247,7 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
             ),
         }
         for name, frame in frames.items():
-            if name in ("perplexity", length_buckets.TABLE) and frame.empty:  # only where run
+            if name in OPTIONAL_TABLES and frame.empty:  # only where such runs are
                 for suffix in (".csv", ".md"):
                     (results_dir / f"{name}{suffix}").unlink(missing_ok=True)
                 continue
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     frames = aggregate(args.results)
     print(f"{len(frames['scores'])} score rows from the runs under {args.results}/; wrote:")
     for name, frame in frames.items():
-        if name == "perplexity" and frame.empty:
+        if name in OPTIONAL_TABLES and frame.empty:
             continue
-        markdown_too = name in ("scores", "main_table", "paired", "perplexity")
+        markdown_too = name in ("scores", "main_table", "paired", *OPTIONAL_TABLES)
         print(f"  {Path(args.results, name)}.csv" + (" and .md" if markdown_too else ""))
