@@ -325,6 +325,12 @@ class MethodPress(ScorerPress):
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
         self.refuse_wrapper()
+        wrapper = wrapping_press(self)
+        if type(wrapper).__name__ == "CriticalAdaKVPress" and keys.shape[0] > 1:
+            raise ValueError(
+                "CriticalAdaKVPress (kvpress 0.5.5) counts its head budgets over the whole batch, "
+                f"which mis-sizes the heads of a batch of {keys.shape[0]}: run one prompt at a time."
+            )
         state = self.layer_state(module, hidden_states, keys, values, attentions, kwargs)
         if self.method.comparable_across_heads is None:  # no scores: its own kept set
             n_kept = self.target_count(state.prompt_length)
