@@ -25,10 +25,11 @@ if (reason := kvpress_problem()) is not None:
 import kvpress  # noqa: E402
 
 from baselines import H2O, PyramidKV, SnapKV, StreamingLLM, pyramid_schedule  # noqa: E402
-from capkv import CapKV  # noqa: E402
+from capkv import Budget, CapKV  # noqa: E402
 from capkv.engine.hooks import attention_layers, run_with_cache  # noqa: E402
 from capkv.interop import as_press  # noqa: E402
 from capkv.models import build_tiny_model  # noqa: E402
+from tests.conftest import capture_prefill  # noqa: E402
 
 PROMPT = 48
 RATIO = 0.5
@@ -50,7 +51,7 @@ PREFILL_WRAPPERS = {
     "CriticalKVPress": lambda press: kvpress.CriticalKVPress(press),
     "CriticalAdaKVPress": lambda press: kvpress.CriticalAdaKVPress(press),
     "PerLayerCompressionPress": lambda press: kvpress.PerLayerCompressionPress(
-        press, [0.25, 1.0, 0.5, 0.9]
+        press, [0.25, 1.0, 0.5, 0.75]
     ),
     "ComposedPress-first": lambda press: kvpress.ComposedPress([press, kvpress.KnormPress(0.5)]),
     "ComposedPress-later": lambda press: kvpress.ComposedPress([kvpress.KnormPress(0.25), press]),
@@ -249,3 +250,169 @@ def test_a_wrapper_keeps_what_it_keeps_around_kvpress_presses_or_refuses_in_one_
         for ours_layer, twin_layer in zip(cache.layers, twin_cache.layers, strict=True):
             torch.testing.assert_close(ours_layer.keys, twin_layer.keys)
             torch.testing.assert_close(ours_layer.values, twin_layer.values)
+
+
+# ------------------------------------------------------------------- a budget press under wrappers
+
+RATIO_WRAPPERS = {
+    **{
+        name: wrap
+        for name, wrap in PREFILL_WRAPPERS.items()
+        if name not in ("DMSPress", "LUKVPress")
+    },
+    "DecodingPress": lambda press: kvpress.DecodingPress(
+        press, compression_interval=4, target_size=16
+    ),
+    "CAMPress": lambda press: kvpress.CAMPress(press, compression_interval=4, target_size=16),
+}
+RATIO_WRAPPERS.pop("PrefillDecodingPress")  # runs the press as it runs alone: budget kept
+
+
+@pytest.mark.parametrize("wrapper", RATIO_WRAPPERS)
+def test_a_budget_press_under_a_ratio_wrapper_is_refused_in_one_line(wrapper, tiny_models):
+    """Refused when built (DecodingPress and CAMPress read the ratio) or first applied, never
+    silently left uncompressed or given the wrapper's own size."""
+    model = tiny_models["gqa-sdpa"]
+    press = as_press(SnapKV(window=8), budget=16)
+    with pytest.raises(ValueError) as error:
+        prefill(model, RATIO_WRAPPERS[wrapper](press), prompts(model, 1))
+    assert "keeps a token budget" in one_line(error.value)
+
+
+def test_a_budget_press_keeps_its_budget_alone_and_under_prefill_decoding(tiny_models):
+    model = tiny_models["gqa-sdpa"]
+    input_ids = prompts(model, 3)
+    for press in (
+        as_press(CapKV(n_future=16), budget=16),
+        kvpress.PrefillDecodingPress(prefilling_press=as_press(CapKV(n_future=16), budget=16)),
+    ):
+        cache = prefill(model, press, input_ids)
+        assert [layer.keys.shape[2] for layer in cache.layers] == [16] * 4
+
+
+# ------------------------------------------------------------ kvpress's edge conventions in ours
+
+
+@pytest.mark.parametrize(
+    ("method", "length", "ratio", "best"),
+    [
+        (SnapKV(window=32, pooling="avg"), 128, 0.8, range(103, 128)),  # the last 25
+        (PyramidKV(window=8), 20, 0.8, range(17, 20)),
+        (CapKV(n_future=16), 6, 0.9, [0]),  # the first sink
+        (StreamingLLM(n_sink=4), 10, 0.9, [0]),
+    ],
+    ids=["snapkv-window32-ratio0.8-on-128", "pyramidkv", "capkv-ratio0.9-on-6", "streamingllm"],
+)
+def test_fewer_tokens_than_the_protected_keep_the_best_of_them(
+    method, length, ratio, best, tiny_models
+):
+    """kvpress keeps max(1, int(T (1 - ratio))) tokens, some of its protected ones where that is
+    fewer than them (its SnapKVPress: ties of top-k); ours keep as many, instead of raising:
+    unscored ties go to the most recent window tokens and the earliest sinks."""
+    model = tiny_models["gqa-sdpa"]
+    input_ids = prompts(model, 3, length=length)
+    full = DynamicCache()
+    with torch.no_grad():
+        run_with_cache(model.model, input_ids, full)
+    _, lengths, kept = outcome(
+        model, as_press(method, compression_ratio=ratio), input_ids, full, False
+    )
+    n_kept = max(1, int(length * (1 - ratio)))
+    assert [n.tolist() for n in lengths] == [[[n_kept] * 2] * 3] * 4
+    assert all(heads == set(best) for layer in kept for row in layer for heads in row)
+
+
+def test_a_ratio_of_one_in_a_layer_keeps_nothing_there(tiny_models):
+    model = tiny_models["mha-sdpa"]
+    press = kvpress.PerLayerCompressionPress(
+        as_press(H2O(window=8), compression_ratio=0.5), [0.1, 1, 0, 0.5]
+    )
+    cache = prefill(model, press, prompts(model, 3))
+    assert [layer.keys.shape[2] for layer in cache.layers] == [43, 0, 48, 24]
+
+
+def test_the_harness_still_refuses_a_ratio_below_the_window(tiny_models):
+    """Inside presses kvpress's conventions; the harness's own budget checks stay as they are."""
+    from capkv.engine.compression import evict
+
+    model = tiny_models["gqa-sdpa"]
+    with (
+        pytest.raises(ValueError, match="fewer than the 32 tokens"),
+        evict(model, SnapKV(), ratio=0.8),
+    ):
+        run_with_cache(model.model, prompts(model, 1, 128), DynamicCache())
+
+
+# ------------------------------------------------------------------------- decoding-time wrappers
+
+DECODING = dict(compression_interval=10, target_size=16, hidden_states_buffer_size=10)
+DECODING_WRAPPERS = {
+    "DecodingPress": lambda press: kvpress.DecodingPress(press, **DECODING),
+    "DecodingPress-AdaKVPress": lambda press: kvpress.DecodingPress(
+        kvpress.AdaKVPress(press), **DECODING
+    ),
+    "PrefillDecodingPress": lambda press: kvpress.PrefillDecodingPress(
+        decoding_press=kvpress.DecodingPress(press, **DECODING)
+    ),
+    "CAMPress": lambda press: kvpress.CAMPress(press, merge_budget=4, **DECODING),
+}
+
+
+@torch.no_grad()
+def decode(model, press, input_ids, steps) -> DynamicCache:
+    """A prefill of ``input_ids`` then one forward per token of ``steps`` (teacher-forced)."""
+    cache = DynamicCache()
+    with press(model):
+        run_with_cache(model.model, input_ids, cache)
+        for step in range(steps.shape[1]):
+            run_with_cache(model.model, steps[:, step : step + 1], cache)
+    return cache
+
+
+@pytest.mark.parametrize("wrapper", DECODING_WRAPPERS)
+@pytest.mark.parametrize("method", METHODS)
+def test_decoding_wrappers_keep_their_target_size_or_refuse(wrapper, method, tiny_models):
+    model = tiny_models["gqa-sdpa"]
+    input_ids, steps = prompts(model, 3, 24), prompts(model, 3, 12, seed=6)
+    wrap = DECODING_WRAPPERS[wrapper]
+    ours = wrap(as_press(METHODS[method][0]()))
+    if method == "pyramidkv":
+        with pytest.raises(ValueError) as error:
+            decode(model, ours, input_ids, steps)
+        assert "per-layer schedule" in one_line(error.value)
+        return
+    reference = decode(model, wrap(kvpress.KnormPress()), input_ids, steps)
+    cache = decode(model, ours, input_ids, steps)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [
+        layer.keys.shape[2] for layer in reference.layers
+    ]
+
+
+@pytest.mark.parametrize("method", ["capkv", "snapkv", "h2o", "streamingllm"])
+def test_buffered_decoding_states_are_scored_at_their_own_positions(method, tiny_models):
+    """The tokens DecodingPress keeps with our press after 10 decoding steps are those the method
+    keeps when the same last 10 tokens are recomputed from scratch in one forward."""
+    from capkv.engine.layer import LayerPrefill
+
+    model = tiny_models["gqa-sdpa"]
+    input_ids, steps = prompts(model, 1, 24), prompts(model, 1, 10, seed=6)
+    build = METHODS[method][0]
+    cache = decode(model, DECODING_WRAPPERS["DecodingPress"](as_press(build())), input_ids, steps)
+    states = capture_prefill(model, torch.cat([input_ids, steps], dim=1))
+    for layer_idx, state in enumerate(states):
+        buffered = LayerPrefill(
+            module=state.module,
+            rotary_emb=state.rotary_emb,
+            num_layers=state.num_layers,
+            hidden_states=state.hidden_states[:, -10:],
+            keys=state.keys,
+            values=state.values,
+            cos=state.cos[:, -10:],
+            sin=state.sin[:, -10:],
+        )
+        expected = build().kept_indices(buffered, Budget(tokens=16))[0]
+        keys = cache.layers[layer_idx].keys[0]  # (H_kv, 16, d), from incremental decoding
+        distance = torch.cdist(keys, state.keys[0])  # to every recomputed key
+        assert distance.min(-1).values.max() < 1e-3  # incremental decoding's rounding
+        kept = distance.argmin(-1).sort(-1).values
+        assert torch.equal(kept, expected), f"layer {layer_idx}"

@@ -153,6 +153,22 @@ def ranked_scores(scores: torch.Tensor, n_first: int, n_last: int) -> torch.Tens
     return scores
 
 
+def best_protected(scores: torch.Tensor, n_kept: int, n_first: int, n_last: int) -> torch.Tensor:
+    """Sorted indices (B, H_kv, n_kept) of the best of the protected tokens, for a count below
+    them: ranked by the method's own scores, ties (tokens a method does not score, as SnapKV's
+    window and CapKV's sinks) going to the earliest sinks, then to the most recent window
+    tokens. kvpress keeps as many of its protected tokens, chosen among equal scores by top-k."""
+    length = scores.shape[-1]
+    positions = torch.arange(length, device=scores.device)
+    protected = (positions < n_first) | (positions >= length - n_last)
+    candidates = positions[protected]
+    preference = torch.where(candidates < n_first, length - candidates, candidates)
+    by_preference = candidates[preference.argsort()]  # ascending
+    own = scores[..., by_preference]
+    order = by_preference[own.argsort(dim=-1, stable=True)]  # ascending: best last
+    return order[..., order.shape[-1] - n_kept :].sort(dim=-1).values
+
+
 @dataclass(eq=False, repr=False)
 class MethodPress(ScorerPress):
     """A kvpress press that keeps, in every layer, what our engine keeps with ``method``.
@@ -316,12 +332,15 @@ class MethodPress(ScorerPress):
 
     def kept_indices(self, state: LayerPrefill, n_kept: int) -> torch.Tensor | None:
         """Sorted kept indices (B, H_kv, n): the engine's choice, or, for fewer tokens than the
-        method protects, the best of its protected tokens."""
+        method protects, the best of its protected tokens (:func:`best_protected`)."""
         n_first, n_last = self.method.protected(state.prompt_length)
         if n_kept >= max(1, n_first + n_last):
             return self.method.kept_indices(state, Budget(tokens=n_kept))
-        scores = ranked_scores(self.method.score(state), n_first, n_last)
-        return scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+        if self.method.comparable_across_heads is None:  # no scores: position only
+            scores = state.keys.new_zeros(state.keys.shape[:3], dtype=torch.float32)
+        else:
+            scores = self.method.score(state).float()
+        return best_protected(scores, n_kept, n_first, n_last)
 
     def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
         self.refuse_wrapper()
