@@ -22,6 +22,10 @@ def as_press(
 ) -> Any:
     """``method`` as a kvpress press (a ``ScorerPress``) keeping exactly what our engine keeps.
 
+    Under kvpress's wrappers (AdaKVPress, DecodingPress, ComposedPress...) it keeps what the
+    wrapper keeps around kvpress's own presses, or refuses in one line when applied; which
+    wrapper works with which method, and why the others are refused: ``docs/kvpress.md``.
+
     Parameters
     ----------
     method : EvictionMethod
@@ -29,7 +33,9 @@ def as_press(
     compression_ratio : float
         Fraction of the prompt removed, as kvpress's presses take it.
     budget : int, optional
-        Tokens kept per KV head per layer instead (``compression_ratio`` is then ignored).
+        Tokens kept per KV head per layer instead (``compression_ratio`` is then ignored); such
+        a press runs alone (or as PrefillDecodingPress's prefilling press), since the other
+        wrappers work with ratios.
 
     Examples
     --------
