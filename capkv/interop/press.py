@@ -265,7 +265,10 @@ class MethodPress(ScorerPress):
             cache_position, kwargs["hidden_states"].shape[1]
         )
         if decoding:
-            cos, sin, seen = self.buffered_tables(rotary_emb, hidden_states, cos, cache_position)
+            positions = kwargs.get("position_ids")
+            if positions is None:
+                positions = cache_position.unsqueeze(0).expand(hidden_states.shape[0], -1)
+            cos, sin, seen = self.buffered_tables(rotary_emb, hidden_states, cos, positions)
         elif cos.shape[1] != observed:  # a piece of the prompt (position-free methods only)
             cos, sin = cos[:, -observed:], sin[:, -observed:]
         if (
@@ -302,23 +305,31 @@ class MethodPress(ScorerPress):
         rotary_emb: nn.Module,
         hidden_states: torch.Tensor,
         cos: torch.Tensor,
-        cache_position: torch.Tensor,
+        positions: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Rotary tables of buffered hidden states, the last ``n`` tokens read, and the number
-        of tokens read; refused where the current tokens' positions are not their cache
-        positions (a padded batch)."""
-        bsz, observed = hidden_states.shape[:2]
-        last = int(cache_position[-1])
-        positions = torch.arange(last - observed + 1, last + 1, device=hidden_states.device)
-        own_cos, own_sin = rotary_emb(hidden_states, positions.unsqueeze(0).expand(bsz, -1))
+        """Rotary tables of buffered hidden states, the last ``n`` tokens read before and with
+        the current ones (at ``positions``, (B, q)), and the number of tokens read.
+
+        The positions are the model's (kvpress's pipeline passes them after compressing the
+        context, where they run ahead of the cache's indices); rows at different positions (a
+        padded batch) are refused."""
+        observed = hidden_states.shape[1]
+        last = positions[:, -1:]
+        if not bool((last == last[0]).all()):
+            raise ValueError(
+                "A decoding wrapper's buffered hidden states are scored as the tokens read so "
+                "far, which differ between the rows of this batch (left padding?): decode one "
+                "prompt at a time."
+            )
+        offsets = torch.arange(1 - observed, 1, device=positions.device)
+        own_cos, own_sin = rotary_emb(hidden_states, last + offsets)
         current = cos.shape[1]
         if not torch.allclose(own_cos[:, -current:].to(cos.dtype), cos, atol=1e-5):
             raise ValueError(
-                "A decoding wrapper's buffered hidden states can be given positions only where "
-                "tokens sit at their cache positions, which this batch's do not (left padding?): "
-                "decode one prompt at a time."
+                "The rotary tables of this forward are not those of its position_ids, so a "
+                "decoding wrapper's buffered hidden states cannot be given their positions."
             )
-        return own_cos.to(cos.dtype), own_sin.to(cos.dtype), last + 1
+        return own_cos.to(cos.dtype), own_sin.to(cos.dtype), int(last[0]) + 1
 
     def target_count(self, prompt_length: int) -> int | None:
         """Tokens kept per KV head of a cache of ``prompt_length`` (None: all of them)."""
