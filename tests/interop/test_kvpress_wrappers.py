@@ -426,6 +426,58 @@ def test_buffered_decoding_states_are_scored_at_their_own_positions(method, tiny
         assert torch.equal(kept, expected), f"layer {layer_idx}"
 
 
+@pytest.mark.parametrize("method", ["capkv", "snapkv", "h2o", "streamingllm"])
+def test_after_a_compressed_context_buffered_states_keep_their_positions(method, tiny_models):
+    """As kvpress's pipeline decodes: the context compressed to 12 of its 24 tokens, then 10
+    tokens at positions 24 to 33 (position_ids ahead of the cache's indices). The tokens kept at
+    the decoding compression are those the method keeps when the same compressed context is
+    followed by the 10 tokens in one forward."""
+    from capkv.engine.hooks import forward_hooks, rotary_embedding
+    from capkv.engine.layer import LayerPrefill
+
+    model = tiny_models["gqa-sdpa"]
+    input_ids, steps = prompts(model, 1, 24), prompts(model, 1, 10, seed=6)
+    positions = torch.arange(24, 34).unsqueeze(0)
+    build = METHODS[method][0]
+    context = as_press(StreamingLLM(n_sink=4), compression_ratio=0.5)
+    decoding = kvpress.DecodingPress(as_press(build()), **DECODING)
+    press = kvpress.PrefillDecodingPress(prefilling_press=context, decoding_press=decoding)
+    cache = DynamicCache()
+    with torch.no_grad(), press(model):
+        run_with_cache(model.model, input_ids, cache)
+        for step in range(10):
+            token = slice(step, step + 1)
+            run_with_cache(model.model, steps[:, token], cache, position_ids=positions[:, token])
+    scratch, inputs = DynamicCache(), {}
+
+    def keep_inputs(module, args, kwargs, output):
+        inputs[module.layer_idx] = (kwargs["hidden_states"], *kwargs["position_embeddings"])
+
+    with torch.no_grad():
+        with context(model):
+            run_with_cache(model.model, input_ids, scratch)
+        with forward_hooks(attention_layers(model), post=keep_inputs):
+            run_with_cache(model.model, steps, scratch, position_ids=positions)
+    for layer_idx, module in enumerate(attention_layers(model)):
+        hidden, cos, sin = inputs[layer_idx]
+        layer = scratch.layers[layer_idx]
+        state = LayerPrefill(
+            module=module,
+            rotary_emb=rotary_embedding(model),
+            num_layers=len(attention_layers(model)),
+            hidden_states=hidden,
+            keys=layer.keys,
+            values=layer.values,
+            cos=cos,
+            sin=sin,
+            seen=34,
+        )
+        expected = build().kept_indices(state, Budget(tokens=16))[0]
+        distance = torch.cdist(cache.layers[layer_idx].keys[0], layer.keys[0])
+        assert distance.min(-1).values.max() < 1e-3  # incremental decoding's rounding
+        assert torch.equal(distance.argmin(-1).sort(-1).values, expected), f"layer {layer_idx}"
+
+
 def test_wrapped_presses_run_in_kvpress_pipeline(tiny_models):
     """kvpress's text-generation pipeline prefills and generates under a wrapper of ours (not
     AdaKVPress here: on this tiny model kvpress's masking finds no fake key for its own presses
