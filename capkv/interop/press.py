@@ -43,11 +43,16 @@ RANKING_WRAPPERS = (
     "ChunkPress",
     "CriticalAdaKVPress",
     "CriticalKVPress",
+    "EntropyGatedChunkKVPress",
     "KeyRerotationPress",
     "MergingPress",
 )
 # Wrappers that give our press a ratio of their own per layer or per decoding compression.
-REBUDGETING_WRAPPERS = ("DecodingPress", "PerLayerCompressionPress")
+REBUDGETING_WRAPPERS = (
+    "CompressionRatioDecodingPress",
+    "DecodingPress",
+    "PerLayerCompressionPress",
+)
 # Wrappers that run our press as it runs alone (its own budget and schedule).
 TRANSPARENT_WRAPPERS = ("ComposedPress", "PrefillDecodingPress")
 # Wrappers that score pieces of the prompt (chunks, blocks of gathered tokens) with the whole
@@ -63,7 +68,11 @@ PARTIAL_CACHE_OK = (SnapKV, StreamingLLM, RandomEviction)
 def wrapping_press(press: BasePress) -> BasePress | None:
     """The nearest kvpress press other than ``press`` whose method is running on the call stack:
     the wrapper that called ``press``, or None when ``press`` runs alone (``with press(model)``,
-    kvpress's pipeline)."""
+    kvpress's pipeline).
+
+    kvpress gives a press no handle on the wrapper calling it, and what a press may do depends
+    on it (a budget under a ratio wrapper, a schedule under a ranking one): the wrapper's method
+    is on the call stack, its ``self`` the wrapper."""
     frame = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")

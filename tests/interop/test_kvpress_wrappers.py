@@ -58,6 +58,9 @@ PREFILL_WRAPPERS = {
     "KeyRerotationPress": lambda press: kvpress.KeyRerotationPress(press),
     "ChunkPress": lambda press: kvpress.ChunkPress(press, chunk_length=16),
     "ChunkKVPress": lambda press: kvpress.ChunkKVPress(press, chunk_length=6),
+    "EntropyGatedChunkKVPress": lambda press: kvpress.EntropyGatedChunkKVPress(
+        press, chunk_length=6, low_entropy_chunk_length=3
+    ),
     "BlockPress": lambda press: kvpress.BlockPress(press, block_size=16),
     "MergingPress": lambda press: kvpress.MergingPress(press),
     "PrefillDecodingPress": lambda press: kvpress.PrefillDecodingPress(prefilling_press=press),
@@ -263,6 +266,7 @@ RATIO_WRAPPERS = {
     "DecodingPress": lambda press: kvpress.DecodingPress(
         press, compression_interval=4, target_size=16
     ),
+    "CompressionRatioDecodingPress": lambda press: kvpress.CompressionRatioDecodingPress(press),
     "CAMPress": lambda press: kvpress.CAMPress(press, compression_interval=4, target_size=16),
 }
 RATIO_WRAPPERS.pop("PrefillDecodingPress")  # runs the press as it runs alone: budget kept
@@ -355,6 +359,9 @@ DECODING_WRAPPERS = {
         decoding_press=kvpress.DecodingPress(press, **DECODING)
     ),
     "CAMPress": lambda press: kvpress.CAMPress(press, merge_budget=4, **DECODING),
+    "CompressionRatioDecodingPress": lambda press: kvpress.CompressionRatioDecodingPress(
+        press, target_compression_ratio=0.5, compression_interval=10, hidden_states_buffer_size=10
+    ),
 }
 
 
@@ -362,10 +369,12 @@ DECODING_WRAPPERS = {
 def decode(model, press, input_ids, steps) -> DynamicCache:
     """A prefill of ``input_ids`` then one forward per token of ``steps`` (teacher-forced)."""
     cache = DynamicCache()
+    length = input_ids.shape[1]
     with press(model):
         run_with_cache(model.model, input_ids, cache)
         for step in range(steps.shape[1]):
-            run_with_cache(model.model, steps[:, step : step + 1], cache)
+            position = torch.full((input_ids.shape[0], 1), length + step)
+            run_with_cache(model.model, steps[:, step : step + 1], cache, position_ids=position)
     return cache
 
 
