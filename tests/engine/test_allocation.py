@@ -300,7 +300,7 @@ def test_a_folder_written_before_allocations_existed_resumes(tmp_path):
     """A stored config without the allocation keys matches their defaults, not other values."""
     from omegaconf import OmegaConf
 
-    from capkv.harness.cli import check_same_config
+    from capkv.harness.runner import check_same_config
     from capkv.results.store import CONFIG
 
     old = {"_target_": "capkv.CapKV", "tau": 5.0, "n_future": 512, "n_sink": 4, "eps": 1e-6}
