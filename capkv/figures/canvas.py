@@ -3,9 +3,10 @@ legend and title, and the rendering of many figures in parallel, each as PNG and
 
 from __future__ import annotations
 
+import math
 import os
 import textwrap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,26 @@ def fitted_title(title: str, width: float, fontsize: float = TITLE_SIZE) -> str:
         parts = [f"{head}:", tail] if colon and len(line) > per_line else [line]
         lines += [wrapped for part in parts for wrapped in textwrap.wrap(part, per_line) or [""]]
     return "\n".join(lines)
+
+
+def score_panels(count: int) -> tuple[Figure, np.ndarray, tuple[float, float, float, float]]:
+    """A grid of ``count`` score panels, at most 4 a row, with room for the legend on the right:
+    the figure, its axes (flat) and its margins (left, right, top, bottom inches)."""
+    columns = min(4, count)
+    lines = math.ceil(count / columns)
+    margins, gaps = (0.8, 2.4, 0.7, 0.8), (0.8, 0.9)  # right: the legend
+    figure = new_figure(
+        3.2 + 3.0 * columns + 0.8 * (columns - 1), 1.5 + 2.4 * lines + 0.9 * (lines - 1)
+    )
+    return figure, panel_grid(figure, (lines, columns), margins, gaps).ravel(), margins
+
+
+def finish_panels(figure: Figure, axes: Sequence[Axes], used: int, title: str, top: float) -> None:
+    """Hide the panels past the first ``used`` of a grid, then the shared legend and the title
+    (:func:`legend_and_title`)."""
+    for ax in axes[used:]:
+        ax.set_axis_off()
+    legend_and_title(figure, axes, title, top)
 
 
 def legend_and_title(

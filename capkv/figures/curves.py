@@ -7,7 +7,6 @@ interval as a band (``intervals.csv``, :mod:`capkv.results.comparisons`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from capkv.figures.canvas import Job, legend_and_title, new_figure, panel_grid
+from capkv.figures.canvas import Job, finish_panels, score_panels
 from capkv.figures.data import for_protocol
 from capkv.figures.style import (
     AVERAGE,
@@ -94,13 +93,7 @@ def format_budget_axis(ax: Axes, xs: list[float], kind: str) -> None:
 def curve_figure(rows: pd.DataFrame, kind: str, metric: str, title: str) -> Figure:
     """Score against budget, one panel per family and the average, one shared legend."""
     panels = sorted(rows["panel"].unique(), key=panel_sort_key)
-    columns = min(4, len(panels))
-    lines = math.ceil(len(panels) / columns)
-    margins, gaps = (0.8, 2.4, 0.7, 0.8), (0.8, 0.9)  # right: the legend
-    figure = new_figure(
-        3.2 + 3.0 * columns + 0.8 * (columns - 1), 1.5 + 2.4 * lines + 0.9 * (lines - 1)
-    )
-    axes = panel_grid(figure, (lines, columns), margins, gaps).ravel()
+    figure, axes, margins = score_panels(len(panels))
     xs = list(rows.loc[rows["kind"] == kind, "x"])
     for ax, panel in zip(axes, panels, strict=False):
         draw_curves(ax, rows[rows["panel"] == panel])
@@ -109,9 +102,7 @@ def curve_figure(rows: pd.DataFrame, kind: str, metric: str, title: str) -> Figu
         ax.set_ylabel(f"{metric} (0-100)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    for ax in axes[len(panels) :]:
-        ax.set_axis_off()
-    legend_and_title(figure, axes, title, margins[3])
+    finish_panels(figure, axes, len(panels), title, margins[3])
     return figure
 
 

@@ -8,14 +8,13 @@ dashed black line in every panel.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from capkv.figures.canvas import Job, legend_and_title, new_figure, panel_grid
+from capkv.figures.canvas import Job, finish_panels, score_panels
 from capkv.figures.data import for_protocol
 from capkv.figures.style import (
     budget_display,
@@ -51,13 +50,7 @@ def length_figure(rows: pd.DataFrame, title: str) -> Figure:
     full = rows["method"].map(is_full)
     budgets = sorted(rows.loc[~full, "budget"].unique(), key=lambda b: _budget_key(rows, b))
     panels = budgets or sorted(rows["budget"].unique())
-    columns = min(4, len(panels))
-    lines = math.ceil(len(panels) / columns)
-    margins, gaps = (0.8, 2.4, 0.7, 0.8), (0.8, 0.9)  # right: the legend
-    figure = new_figure(
-        3.2 + 3.0 * columns + 0.8 * (columns - 1), 1.5 + 2.4 * lines + 0.9 * (lines - 1)
-    )
-    axes = panel_grid(figure, (lines, columns), margins, gaps).ravel()
+    figure, axes, margins = score_panels(len(panels))
     for ax, budget in zip(axes, panels, strict=False):
         panel = rows[(rows["budget"] == budget) | full]
         pairs = panel[["method", "variant"]].drop_duplicates().itertuples(index=False, name=None)
@@ -76,9 +69,7 @@ def length_figure(rows: pd.DataFrame, title: str) -> Figure:
         ax.set_ylabel("score (0-100)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    for ax in axes[len(panels) :]:
-        ax.set_axis_off()
-    legend_and_title(figure, axes, title, margins[3])
+    finish_panels(figure, axes, len(panels), title, margins[3])
     return figure
 
 

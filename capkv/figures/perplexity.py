@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from capkv.figures.canvas import Job, legend_and_title, new_figure, panel_grid
+from capkv.figures.canvas import Job, finish_panels, legend_and_title, new_figure, panel_grid
 from capkv.figures.data import for_protocol
 from capkv.figures.style import (
     budget_display,
@@ -98,9 +98,7 @@ def perplexity_figure(rows: pd.DataFrame, title: str) -> Figure:
     shared = (rows["low"].min() / 1.05, rows["high"].max() * 1.05)  # one scale for every panel
     for ax in axes.ravel()[: len(panels)]:
         ax.set_ylim(*shared)
-    for ax in axes.ravel()[len(panels) :]:
-        ax.set_axis_off()
-    legend_and_title(figure, axes.ravel(), f"{title}\n(bands: {INTERVALS})", margins[3])
+    finish_panels(figure, axes.ravel(), len(panels), f"{title}\n(bands: {INTERVALS})", margins[3])
     return figure
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 from capkv.results.format import markdown, with_identity_types
 from capkv.results.metrics import run_reporting
-from capkv.results.order import FULL, method_sort_key
+from capkv.results.order import budget_order, method_sort_key
 from capkv.results.store import IDENTITY_KEYS, RUN_KEYS, finished_rows
 from capkv.tasks.longbench.buckets import AVERAGE, BUCKETS, bucket_scores
 from capkv.tasks.longbench.task import BENCHMARK_E
@@ -22,17 +22,7 @@ COLUMNS = ["subtask", "bucket", "score", "n"]
 
 def run_order(metrics: dict[str, Any]) -> tuple:
     """Model, task and protocol, then the full cache, budgets from the tightest, methods."""
-    tokens, ratio = metrics["budget_tokens"], metrics["ratio"]
-    return (
-        metrics["model"],
-        metrics["task"],
-        metrics["protocol"],
-        metrics["method"] != FULL,
-        tokens is None,
-        tokens or 0,
-        -(ratio or 0),
-        method_sort_key(metrics["method"], metrics["variant"]),
-    )
+    return (*budget_order(metrics), method_sort_key(metrics["method"], metrics["variant"]))
 
 
 def length_bucket_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:

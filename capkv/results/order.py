@@ -3,6 +3,8 @@ the allocations, then any other method by name."""
 
 from __future__ import annotations
 
+from typing import Any
+
 FULL = "full"  # the method (and budget label) of the full cache
 METHOD_ORDER = [
     FULL,
@@ -25,3 +27,18 @@ def method_sort_key(method: str, variant: str = "") -> tuple[int, str, str]:
     a method's variants after it, by name."""
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
     return rank, method, variant
+
+
+def budget_order(metrics: dict[str, Any]) -> tuple:
+    """A run's place among runs of its (model, task, protocol): the full cache first, then
+    budgets from the tightest (token budgets before ratios); callers add the method key."""
+    tokens, ratio = metrics["budget_tokens"], metrics["ratio"]
+    return (
+        metrics["model"],
+        metrics["task"],
+        metrics["protocol"],
+        metrics["method"] != FULL,
+        tokens is None,
+        tokens or 0,
+        -(ratio or 0),
+    )

@@ -30,6 +30,7 @@ import pandas as pd
 
 from capkv.results.format import markdown, with_identity_types
 from capkv.results.metrics import is_perplexity
+from capkv.results.order import budget_order
 from capkv.results.store import IDENTITY_KEYS, finished_rows, method_label
 from capkv.results.uncertainty import CONFIDENCE, RESAMPLES, SEED, compare, mean_interval
 from capkv.tasks.perplexity import bucket_label
@@ -117,17 +118,7 @@ TABLE_COLUMNS += ["capacity_fraction", "nll", "perplexity", "low", "high", *COMP
 
 def run_order(metrics: dict[str, Any]) -> tuple:
     """The full cache first, then budgets from the tightest, then methods by label."""
-    tokens, ratio = metrics["budget_tokens"], metrics["ratio"]
-    return (
-        metrics["model"],
-        metrics["task"],
-        metrics["protocol"],
-        metrics["method"] != FULL,
-        tokens is None,
-        tokens or 0,
-        -(ratio or 0),
-        method_label(metrics["method"], metrics["variant"]),
-    )
+    return (*budget_order(metrics), method_label(metrics["method"], metrics["variant"]))
 
 
 def perplexity_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
