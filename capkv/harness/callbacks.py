@@ -66,6 +66,11 @@ class MultirunReport(Callback):
     """Per-job failures in one line, one aggregation and a summary at the end of a multirun."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        target = str(config.hydra.launcher.get("_target_", ""))
+        if target.startswith("hydra_plugins.hydra_submitit_launcher."):
+            from capkv.harness.launchers import install
+
+            install()  # a job killed outright is reported, not raised (capkv.harness.launchers)
         for folder in job_folders(Path(str(config.hydra.sweep.dir))):
             (folder / JOB_FILE).unlink(missing_ok=True)  # left by an earlier multirun
 
@@ -94,7 +99,7 @@ class MultirunReport(Callback):
             json.loads((folder / JOB_FILE).read_text())
             for folder in job_folders(Path(str(config.hydra.sweep.dir)))
         ]
-        for results_dir in sorted({record["results_dir"] for record in records}):
+        for results_dir in sorted({r["results_dir"] for r in records if r["results_dir"]}):
             if Path(results_dir, "runs").is_dir():
                 aggregate(results_dir)
                 print(f"tables rebuilt under {results_dir}", file=sys.stderr)

@@ -226,6 +226,82 @@ def test_bad_cluster_input_gives_one_error_line_and_writes_nothing(tmp_path, ove
     assert not (tmp_path / "results").exists()
 
 
+def holder_of(lock: Path) -> int | None:
+    """The process holding ``lock`` open (a job of the local launcher), read from /proc."""
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            links = [os.readlink(fd) for fd in fd_dir.iterdir()]
+        except OSError:
+            continue
+        if str(lock) in links:
+            return int(fd_dir.parent.name)
+    return None
+
+
+def test_a_job_killed_outright_is_reported_in_one_line_and_resubmitting_resumes(tmp_path):
+    """SIGKILL (what the out-of-memory killer sends) to one local job: the other finishes, the
+    multirun ends with the summary and exit status 1, and the same command again completes."""
+    sweep = [*SWEEP, "task.max_new_tokens=96"]  # long answers: the kill lands mid-shard
+    overrides = ["-m", "hydra/launcher=local", "hydra.launcher.cpus_per_task=1", *sweep]
+    overrides += ["shards=2", "shard=0,1", "results_dir=results"]
+    shard0 = cell(tmp_path / "results") / Shard(0, 2).rows_file
+    lock = shard_lock_path(cell(tmp_path / "results"), Shard(0, 2))
+    multirun = start(tmp_path, *overrides)
+    try:
+        wait_until(lambda: rows_in(shard0) >= 1, "shard 0's first row", process=multirun)
+        job = holder_of(lock)
+        assert job is not None and job != multirun.pid
+        os.kill(job, signal.SIGKILL)
+        _, err = multirun.communicate(timeout=600)
+    finally:
+        if multirun.poll() is None:
+            multirun.kill()
+    assert rows_in(shard0) < N_EXAMPLES // 2, "killed too late to test anything"
+    assert multirun.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lost = "error: the job ended without a result (state "
+    assert f"job #0: {lost}" in err
+    assert "multirun: 1 of 2 jobs failed:" in err
+    summary = [line for line in err.splitlines() if line.startswith("  #")]
+    assert len(summary) == 1 and summary[0].startswith("  #0 (")
+    assert "killed outright (SIGKILL, as the out-of-memory killer does)" in summary[0]
+    shard1 = cell(tmp_path / "results") / Shard(1, 2).rows_file
+    assert rows_in(shard1) == N_EXAMPLES // 2  # the other job finished
+    ok(run(tmp_path, *overrides))
+    for method in ("capkv", "streamingllm"):
+        folder = cell(tmp_path / "results", method)
+        ids = [row["example_id"] for row in finished_rows(folder)]
+        lines = sum(rows_in(path) for path in folder.glob("examples*.jsonl"))
+        assert len(ids) == len(set(ids)) == lines == N_EXAMPLES
+
+
+def test_a_cell_being_written_under_one_shard_count_refuses_another(tmp_path):
+    """Each process skips what was done when it started, so two shard counts at once could run
+    one example twice: the second count is refused; one after the other, nothing runs twice."""
+    results = tmp_path / "results"
+    lock = shard_lock_path(cell(results), Shard(0, 2))
+    first = start(tmp_path, *SWEEP, "shards=2", "shard=0", "results_dir=results")
+    try:
+        wait_until(lambda: is_held(lock), "shard 0 of 2 to claim its cells", process=first)
+        first.send_signal(signal.SIGSTOP)
+        second = run(tmp_path, *SWEEP, "results_dir=results")
+    finally:
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert second.returncode == 1
+    assert error_lines(second.stderr) == [
+        f"error: Another process is writing {cell(results)} as shards=2, which would run "
+        "examples of shards=1 twice; run it with shards=2 too, or wait for that run to finish."
+    ]
+    ok(run(tmp_path, *SWEEP, "shards=3", "shard=1", "results_dir=results"))
+    ok(run(tmp_path, *SWEEP, "results_dir=results"))  # resumed under a third count
+    for method in ("capkv", "streamingllm"):
+        folder = cell(results, method)
+        lines = sum(rows_in(path) for path in folder.glob("examples*.jsonl"))
+        assert lines == len(finished_rows(folder)) == N_EXAMPLES  # no example ran twice
+
+
 # --------------------------------------------------------------------------- a real SLURM
 
 
