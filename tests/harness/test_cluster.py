@@ -374,6 +374,36 @@ def test_a_cancelled_slurm_shard_resubmitted_completes_the_tables(slurm, tmp_pat
     assert tables(tmp_path / "results") == tables(tmp_path / "reference")
 
 
+def test_a_slurm_shard_killed_outright_is_one_line_and_resubmitting_resumes(slurm, tmp_path):
+    """SIGKILL to array task 0 (as the out-of-memory killer does): no result comes back from
+    it, the multirun reports it in one line and exits 1 after task 1 finished; resubmitting
+    completes the cell with no example run twice."""
+    sweep = [*SWEEP, "task.max_new_tokens=96"]
+    overrides = ["-m", *SLURM_JOBS, *sweep, "shards=2", "shard=0,1", "results_dir=results"]
+    shard0 = cell(tmp_path / "results") / Shard(0, 2).rows_file
+    multirun = start(tmp_path, *overrides)
+    try:
+        wait_until(lambda: rows_in(shard0) >= 1, "shard 0's first row", process=multirun)
+        # The node is this machine: the job's process is killed as the OOM killer kills it.
+        job = holder_of(shard_lock_path(cell(tmp_path / "results"), Shard(0, 2)))
+        assert job is not None
+        os.kill(job, signal.SIGKILL)
+        _, err = multirun.communicate(timeout=600)
+    finally:
+        if multirun.poll() is None:
+            multirun.kill()
+    assert rows_in(shard0) < N_EXAMPLES // 2, "killed too late to test anything"
+    assert multirun.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert "job #0: error: the job ended without a result (state " in err
+    assert "multirun: 1 of 2 jobs failed:" in err
+    wait_until(slurm_queue_empty, "the queue to empty", timeout=120)
+    ok(run(tmp_path, *overrides))
+    for method in ("capkv", "streamingllm"):
+        folder = cell(tmp_path / "results", method)
+        lines = sum(rows_in(path) for path in folder.glob("examples*.jsonl"))
+        assert lines == len(finished_rows(folder)) == N_EXAMPLES
+
+
 # --------------------------------------------------------------------------- per-job resources
 
 
