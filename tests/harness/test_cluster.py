@@ -42,15 +42,51 @@ SLURM_JOBS = [
 ]
 
 
+# What a timeout shows: the SLURM daemons' last log lines (a dead or hung controller says why).
+SLURM_LOGS = [Path("/var/log/slurm/slurmctld.log"), Path("/var/log/slurm/slurmd.log")]
+
+
+def service_logs(lines: int = 20) -> str:
+    """The last lines of the SLURM daemons' logs (empty where there are none)."""
+    parts = []
+    for log in SLURM_LOGS:
+        if log.is_file():
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- last {len(tail)} lines of {log}:\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
+def bounded(command: list[str], timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that fails the test with the services' logs instead of hanging."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as expired:
+        stderr = expired.stderr.decode(errors="replace") if expired.stderr else ""
+        raise AssertionError(
+            f"{' '.join(map(str, command))} did not finish within {timeout:.0f}s\n"
+            f"{stderr[-2000:]}\n{service_logs()}"
+        ) from None
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+    """``process.communicate`` that kills it and fails the test with the logs after ``timeout``."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+        raise AssertionError(
+            f"the run did not finish within {timeout:.0f}s\n{err[-2000:]}\n{service_logs()}"
+        ) from None
+
+
 def command(*overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "run.py"), *overrides]
 
 
 def run(cwd: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """python run.py <overrides> in ``cwd`` (Hydra's outputs land there)."""
-    return subprocess.run(
-        command(*overrides), cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=600
-    )
+    return bounded(command(*overrides), timeout=600, cwd=cwd, env=env or ENV)
 
 
 def start(cwd: Path, *overrides: str) -> subprocess.Popen:
@@ -83,7 +119,7 @@ def wait_until(condition, what: str, timeout: float = 300, process=None) -> None
         if process is not None and process.poll() is not None:
             raise AssertionError(f"the run ended before {what}: {process.stderr.read()[-3000:]}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}\n{service_logs()}")
         time.sleep(0.05)
 
 
@@ -110,7 +146,7 @@ def test_a_shard_killed_mid_run_resumes_to_the_uninterrupted_tables(tmp_path, re
         wait_until(lambda: rows_in(shard0) >= 1, "the first row", process=process)
     finally:
         process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.wait(timeout=60)
     assert rows_in(shard0) < N_EXAMPLES // 2, "killed too late to test anything"
     # The config was declared before the first row: other settings are refused, even now.
     assert (cell(tmp_path / "results") / "config.yaml").exists()
@@ -134,7 +170,7 @@ def test_two_concurrent_runs_of_one_cell_give_one_refusal_and_no_duplicated_row(
         second = run(tmp_path, *SWEEP, "results_dir=results")
     finally:
         first.send_signal(signal.SIGCONT)
-        out, err = first.communicate(timeout=600)
+        out, err = finish(first)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode != 0
     assert error_lines(second.stderr) == [
@@ -152,17 +188,13 @@ def test_concurrent_runs_of_different_cells_both_appear_in_the_tables(tmp_path):
     overrides = [*SWEEP[:3], "budget=64", "results_dir=results"]
     runs = [start(tmp_path, *overrides, f"method={m}") for m in ("capkv", "streamingllm")]
     for process in runs:
-        _, err = process.communicate(timeout=600)
+        _, err = finish(process)
         assert process.returncode == 0, err[-3000:]
     written = tables(tmp_path / "results")
     assert {"capkv", "streamingllm"} <= set(written["main_table.csv"].split(","))
     rebuilt = ok(
-        subprocess.run(
-            [sys.executable, "-m", "capkv.results", "results"],
-            cwd=tmp_path,
-            env=ENV,
-            capture_output=True,
-            text=True,
+        bounded(
+            [sys.executable, "-m", "capkv.results", "results"], timeout=600, cwd=tmp_path, env=ENV
         )
     )
     assert "wrote" in rebuilt.stdout
@@ -252,7 +284,7 @@ def test_a_job_killed_outright_is_reported_in_one_line_and_resubmitting_resumes(
         job = holder_of(lock)
         assert job is not None and job != multirun.pid
         os.kill(job, signal.SIGKILL)
-        _, err = multirun.communicate(timeout=600)
+        _, err = finish(multirun)
     finally:
         if multirun.poll() is None:
             multirun.kill()
@@ -287,7 +319,7 @@ def test_a_cell_being_written_under_one_shard_count_refuses_another(tmp_path):
         second = run(tmp_path, *SWEEP, "results_dir=results")
     finally:
         first.send_signal(signal.SIGCONT)
-        _, err = first.communicate(timeout=600)
+        _, err = finish(first)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode == 1
     assert error_lines(second.stderr) == [
@@ -308,7 +340,7 @@ def test_a_cell_being_written_under_one_shard_count_refuses_another(tmp_path):
 def slurm_answers() -> bool:
     if shutil.which("sbatch") is None:
         return False
-    state = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    state = bounded(["sinfo", "-h", "-o", "%T"])
     return state.returncode == 0 and any(
         s.startswith(("idle", "mixed", "allocated")) for s in state.stdout.split()
     )
@@ -324,15 +356,16 @@ def slurm():
             if os.environ.get("CI") == "true":
                 pytest.fail(f"CI must run the SLURM tests: {reason}")
             pytest.skip(reason)
-        subprocess.run([str(ROOT / ".ci" / "slurm.sh"), "start"], check=True)
+        started_now = bounded([str(ROOT / ".ci" / "slurm.sh"), "start"], timeout=1800)
+        assert started_now.returncode == 0, started_now.stderr[-3000:]
         started = True
     yield
     if started:
-        subprocess.run([str(ROOT / ".ci" / "slurm.sh"), "stop"], check=True)
+        bounded([str(ROOT / ".ci" / "slurm.sh"), "stop"], timeout=120)
 
 
 def slurm_queue_empty() -> bool:
-    queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True)
+    queue = bounded(["squeue", "-h", "-o", "%i"])
     return queue.returncode == 0 and not queue.stdout.strip()
 
 
@@ -359,10 +392,10 @@ def test_a_cancelled_slurm_shard_resubmitted_completes_the_tables(slurm, tmp_pat
     multirun = start(tmp_path, *overrides)
     try:
         wait_until(lambda: rows_in(shard0) >= 1, "shard 0's first row", process=multirun)
-        queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True)
+        queue = bounded(["squeue", "-h", "-o", "%i"])
         (task,) = [job for job in queue.stdout.split() if job.endswith("_0")]
-        subprocess.run(["scancel", task], check=True)
-        _, err = multirun.communicate(timeout=600)
+        assert bounded(["scancel", task]).returncode == 0
+        _, err = finish(multirun)
     finally:
         if multirun.poll() is None:
             multirun.kill()
@@ -388,7 +421,7 @@ def test_a_slurm_shard_killed_outright_is_one_line_and_resubmitting_resumes(slur
         job = holder_of(shard_lock_path(cell(tmp_path / "results"), Shard(0, 2)))
         assert job is not None
         os.kill(job, signal.SIGKILL)
-        _, err = multirun.communicate(timeout=600)
+        _, err = finish(multirun)
     finally:
         if multirun.poll() is None:
             multirun.kill()
@@ -402,6 +435,26 @@ def test_a_slurm_shard_killed_outright_is_one_line_and_resubmitting_resumes(slur
         folder = cell(tmp_path / "results", method)
         lines = sum(rows_in(path) for path in folder.glob("examples*.jsonl"))
         assert lines == len(finished_rows(folder)) == N_EXAMPLES
+
+
+def test_slurm_start_with_a_hung_controller_fails_with_its_log_lines(slurm):
+    """A controller that no longer answers (stopped, as a hung one is) fails .ci/slurm.sh within
+    its bounded wait, with the daemons' last log lines, instead of hanging CI."""
+    pid = int(Path("/run/slurmctld.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        result = bounded([str(ROOT / ".ci" / "slurm.sh"), "start"], timeout=300)
+        took = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert result.returncode == 1
+    assert f"the node {os.uname().nodename.split('.')[0]} did not come up within 60s" in (
+        result.stderr
+    )
+    assert "last 20 lines of /var/log/slurm/slurmctld.log:" in result.stderr
+    assert took < 200
+    wait_until(slurm_answers, "the controller to answer again", timeout=120)
 
 
 # --------------------------------------------------------------------------- per-job resources
