@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +28,11 @@ from omegaconf import DictConfig
 
 from capkv.harness.cluster import JobStopped
 from capkv.harness.errors import explain, one_sentence
+from capkv.harness.jobs import JOB_FILE, JobFailed, results_folder
 from capkv.results.tables import aggregate
 from capkv.storage.files import write_atomically
 
-JOB_FILE = "job.json"
 TRACEBACK_FILE = "traceback.txt"
-
-
-@dataclass
-class JobFailed:
-    """What a failed job returns to Hydra instead of raising (so the multirun goes on)."""
-
-    message: str
 
 
 def one_line(error: BaseException) -> str:
@@ -51,11 +43,6 @@ def one_line(error: BaseException) -> str:
     if message is None:
         message = one_sentence(f"{type(error).__name__}: {error}")
     return f"error: {message}"
-
-
-def results_folder(config: DictConfig) -> Path:
-    results = Path(str(config.results_dir))
-    return results if results.is_absolute() else Path(config.hydra.runtime.cwd) / results
 
 
 def job_folders(sweep_dir: Path) -> list[Path]:

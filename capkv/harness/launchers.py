@@ -1,6 +1,6 @@
 """Hydra's submitit launchers, with jobs that die outright reported instead of raised.
 
-A job that raises is caught in its own process (:class:`capkv.harness.callbacks.MultirunReport`),
+A job that raises is caught in its own process (``capkv.harness.callbacks.MultirunReport``),
 but a job killed outright (SIGKILL from the out-of-memory killer, a node that disappears, a
 process that never started) leaves no result, and submitit's ``job.results()`` raises in the
 process that started the multirun: with the plain launchers, that stops the multirun with
@@ -33,8 +33,8 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf, open_dict
 
-from capkv.harness.callbacks import JOB_FILE, JobFailed, results_folder
 from capkv.harness.errors import one_sentence
+from capkv.harness.jobs import JOB_FILE, JobFailed, results_folder
 from capkv.storage.files import write_atomically
 
 log = logging.getLogger(__name__)
