@@ -9,7 +9,10 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from capkv.results.store import ExampleLog, read_rows
 from capkv.storage import files
 from capkv.storage.folders import MANIFEST, folder_damage, publish_folder, write_manifest
 
+ROOT = Path(__file__).resolve().parent.parent
 ROW = {"example_id": "x", "prediction": "y" * 2500}
 
 
@@ -33,22 +37,60 @@ def whole_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in data.decode().splitlines()]
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 64 KiB tmpfs mounted on a fresh folder (root only; skipped where mounting is refused)."""
-    folder = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+@contextmanager
+def mounted_tmpfs(parent: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on a fresh folder (root only; skips the test where mounting
+    is refused: the fault-injecting tests cover the same code)."""
+    folder = parent / f"disk-{uuid.uuid4().hex[:6]}"
     folder.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root; the fault-injecting tests cover the same path")
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        timeout=60,
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         yield folder
     finally:
-        subprocess.run(["umount", str(folder)], check=True, timeout=60)
+        subprocess.run(["umount", "-l", str(folder)], check=True, timeout=60)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KiB tmpfs."""
+    with mounted_tmpfs(tmp_path, "64k") as folder:
+        yield folder
+
+
+def test_a_run_filling_its_disk_stops_in_one_line_and_leaves_only_whole_rows(tmp_path):
+    """The issue's case end to end: run.py with its results on a 16 KiB disk (one page per
+    file: two configs, then rows until the disk is full)."""
+    with mounted_tmpfs(tmp_path, "16k") as disk:
+        overrides = [
+            "model=tiny-random",
+            "task.context_lengths=[200,400]",
+            "task.depths=[0,50,100]",
+        ]
+        overrides += ["methods=[capkv,streamingllm]", "budgets=[64]", "task.max_new_tokens=64"]
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "run.py"), *overrides, f"results_dir={disk}/results"],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 1, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        files = list((disk / "results").rglob("examples*.jsonl"))
+        assert files
+        for path in files:
+            whole_rows(path)  # every record whole, none torn
 
 
 def test_a_full_disk_leaves_the_rows_file_ending_at_its_last_whole_row(tiny_disk):

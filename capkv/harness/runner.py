@@ -25,7 +25,7 @@ from capkv.engine.streaming import StreamSettings, streamed
 from capkv.harness.shards import UNSHARDED, Shard, select_shard
 from capkv.results.metrics import write_metrics
 from capkv.results.store import CONFIG, ExampleLog, finished_rows, read_rows, stored_config
-from capkv.storage.files import write_atomically
+from capkv.storage.files import signals_deferred, write_atomically
 from capkv.storage.locking import FileLock, LockHeld, is_held, locked
 from capkv.tasks.base import Example, Reporting, Task, task_reporting
 from capkv.tasks.common import prompt_limit
@@ -382,13 +382,16 @@ class RunLog:
         return self.run_dir / self.shard.rows_file
 
     def append(self, row: dict[str, Any]) -> None:
+        """Append one row and note it as done; an interrupt arriving meanwhile is delivered
+        after both, so the metrics written on the way out count every row on disk."""
         if self._log is None:
             self._log = ExampleLog(self.rows_path, self.own_rows)
-        self._log.append(row)
-        self.own_rows.append(row)
-        self.own_size = self._log.size
-        self.rows.append(row)
-        self.done.add(row["example_id"])
+        with signals_deferred():
+            self._log.append(row)
+            self.own_rows.append(row)
+            self.own_size = self._log.size
+            self.rows.append(row)
+            self.done.add(row["example_id"])
 
     def close(self) -> dict[str, Any]:
         """Close the file, write the metrics of the cell's rows so far, release the claim."""

@@ -209,7 +209,7 @@ class ExampleLog:
     @property
     def size(self) -> int:
         """Bytes of the file written so far."""
-        return self._stream.tell()
+        return self._log.size
 
     def close(self) -> None:
         self._log.close()

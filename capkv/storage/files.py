@@ -56,7 +56,7 @@ def append_whole(fd: int, data: bytes) -> None:
     OSError
         What the failed write or sync raised, after the truncation.
     """
-    with _signals_deferred():
+    with signals_deferred():
         length = os.lseek(fd, 0, os.SEEK_END)
         try:
             view = memoryview(data)
@@ -71,8 +71,11 @@ def append_whole(fd: int, data: bytes) -> None:
 
 
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM for the ``with`` block and deliver them right after it.
+
+    Blocks nest: a signal held by an inner block is delivered to the outer one's holder, so a
+    caller that must note a record as written (in memory) before any interrupt wraps both.
 
     Python runs signal handlers in the main thread between bytecodes, so the handlers are
     swapped for one that notes the signal (a signal mask would not do: another thread of the
@@ -109,6 +112,13 @@ class AppendLog:
         if self._fd is None:
             raise ValueError(f"{self.path} is closed")
         append_whole(self._fd, text.encode("utf-8"))
+
+    @property
+    def size(self) -> int:
+        """Bytes of the file (every record appended so far, and those before)."""
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return os.fstat(self._fd).st_size
 
     def close(self) -> None:
         if self._fd is not None:

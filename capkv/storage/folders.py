@@ -117,6 +117,7 @@ def publish_folder(dest: Path, build: Callable[[Path], None], lock: Path | None 
     lock = lock or dest.parent / f".{dest.name}.lock"
     with locked(lock):
         if folder_damage(dest) is None:
+            lock.unlink(missing_ok=True)  # built by another process meanwhile
             return False
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         try:
