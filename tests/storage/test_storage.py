@@ -22,7 +22,7 @@ from capkv.results.store import ExampleLog, read_rows
 from capkv.storage import files
 from capkv.storage.folders import MANIFEST, folder_damage, publish_folder, write_manifest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ROW = {"example_id": "x", "prediction": "y" * 2500}
 
 
