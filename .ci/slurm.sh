@@ -21,16 +21,58 @@ fi
 
 alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 
-# wait_for SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds.
+# Every wait and every call to a daemon is bounded: a daemon that dies or hangs fails the run
+# with its log's last lines, never hangs CI.
+LOG_LINES=20
+
+# log_of NAME: the log file of a daemon this script starts.
+log_of() {
+    case "$1" in
+        munged) echo /var/log/munge/munged.log ;;
+        mariadb) echo /var/log/slurm/mariadb.log ;;
+        *) echo "/var/log/slurm/$1.log" ;;
+    esac
+}
+
+# fail "NAMES" MESSAGE: say what went wrong, show the end of the log of each daemon in NAMES
+# (space-separated), exit 1.
+fail() {
+    local names=$1 name log
+    say "$2"
+    for name in $names; do
+        log=$(log_of "$name")
+        if [ -s "$log" ]; then
+            say "last $LOG_LINES lines of $log:"
+            tail -n "$LOG_LINES" "$log" >&2
+        else
+            say "($log is empty or missing)"
+        fi
+    done
+    exit 1
+}
+
+# wait_for SECONDS "NAMES" DESCRIPTION COMMAND...: poll until COMMAND succeeds (each try bounded
+# to 10 s), or fail with the logs of NAMES.
 wait_for() {
-    local seconds=$1 what=$2
-    shift 2
-    for _ in $(seq "$((seconds * 5))"); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
+    local seconds=$1 name=$2 what=$3
+    shift 3
+    local deadline=$((SECONDS + seconds))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if timeout 10 "$@" >/dev/null 2>&1; then return 0; fi
         sleep 0.2
     done
-    say "$what did not come up within ${seconds}s"
-    return 1
+    fail "$name" "$what did not come up within ${seconds}s"
+}
+
+# bounded SECONDS NAME COMMAND...: run COMMAND, failing with NAME's log if it fails or outlasts
+# SECONDS.
+bounded() {
+    local seconds=$1 name=$2
+    shift 2
+    local status=0
+    timeout "$seconds" "$@" || status=$?
+    if [ "$status" = 124 ]; then fail "$name" "$* did not finish within ${seconds}s"; fi
+    if [ "$status" != 0 ]; then fail "$name" "$* failed (exit status $status)"; fi
 }
 
 install_packages() {
@@ -42,15 +84,16 @@ install_packages() {
     if [ "${#missing[@]}" -gt 0 ]; then
         say "installing ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        timeout 600 apt-get update -qq || { say "apt-get update failed or took over 600s"; exit 1; }
+        timeout 1200 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+            || { say "apt-get install ${missing[*]} failed or took over 1200s"; exit 1; }
     fi
 }
 
 # started NAME PIDFILE: record the daemon's PID as started by this script.
 started() {
     local name=$1 pidfile=$2
-    wait_for 20 "$name's pid file" test -s "$pidfile"
+    wait_for 20 "$name" "$name's pid file" test -s "$pidfile"
     cat "$pidfile" >"$STATE/$name.pid"
 }
 
@@ -115,10 +158,10 @@ start() {
     if ! running munged /run/munge/munged.pid; then
         mkdir -p /run/munge
         chown munge:munge /run/munge
-        runuser -u munge -- /usr/sbin/munged
+        bounded 30 munged runuser -u munge -- /usr/sbin/munged
         started munged /run/munge/munged.pid
     fi
-    wait_for 20 munged sh -c 'munge -n | unmunge'
+    wait_for 20 munged munged sh -c 'munge -n | unmunge'
 
     if ! running mariadb /run/mysqld/mysqld.pid; then
         mkdir -p /run/mysqld
@@ -128,32 +171,33 @@ start() {
             >/var/log/slurm/mariadb.log 2>&1 </dev/null &
         started mariadb /run/mysqld/mysqld.pid
     fi
-    wait_for 60 MariaDB mariadb -e "SELECT 1"
-    mariadb -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+    wait_for 60 mariadb MariaDB mariadb -e "SELECT 1"
+    bounded 60 mariadb mariadb -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
         CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
         GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
 
     if ! running slurmdbd /run/slurmdbd.pid; then
-        slurmdbd
+        bounded 60 slurmdbd slurmdbd
         started slurmdbd /run/slurmdbd.pid
     fi
-    wait_for 60 slurmdbd sacctmgr -n list cluster
-    sacctmgr -n list cluster format=cluster | grep -qw "$CLUSTER" \
-        || sacctmgr -i add cluster "$CLUSTER" >/dev/null
+    wait_for 60 slurmdbd slurmdbd sacctmgr -n list cluster
+    timeout 30 sacctmgr -n list cluster format=cluster | grep -qw "$CLUSTER" \
+        || bounded 60 slurmdbd sacctmgr -i add cluster "$CLUSTER" >/dev/null
 
     if ! running slurmctld /run/slurmctld.pid; then
         # -c: no jobs or node states from an earlier cluster on this machine (a node saved as
         # down or drained would never take the tests' jobs).
-        slurmctld -c
+        bounded 60 slurmctld slurmctld -c
         started slurmctld /run/slurmctld.pid
     fi
     if ! running slurmd /run/slurmd.pid; then
-        slurmd
+        bounded 60 slurmd slurmd
         started slurmd /run/slurmd.pid
     fi
-    wait_for 60 "the node $HOST" sh -c "sinfo -h -n $HOST -o %T | grep -Eq '^(idle|mixed|allocated)'"
-    wait_for 30 sacct sacct -n -X
-    say "SLURM is up on $HOST ($(sinfo -h -o '%P %D %c CPUs %T'))"
+    wait_for 60 "slurmctld slurmd" "the node $HOST" \
+        sh -c "sinfo -h -n $HOST -o %T | grep -Eq '^(idle|mixed|allocated)'"
+    wait_for 30 "slurmdbd slurmctld" sacct sacct -n -X
+    say "SLURM is up on $HOST ($(timeout 10 sinfo -h -o '%P %D %c CPUs %T'))"
 }
 
 stop() {

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +28,11 @@ from omegaconf import DictConfig
 
 from capkv.harness.cluster import JobStopped
 from capkv.harness.errors import explain, one_sentence
+from capkv.harness.jobs import JOB_FILE, JobFailed, results_folder
 from capkv.results.tables import aggregate
 from capkv.storage.files import write_atomically
 
-JOB_FILE = "job.json"
 TRACEBACK_FILE = "traceback.txt"
-
-
-@dataclass
-class JobFailed:
-    """What a failed job returns to Hydra instead of raising (so the multirun goes on)."""
-
-    message: str
 
 
 def one_line(error: BaseException) -> str:
@@ -53,11 +45,6 @@ def one_line(error: BaseException) -> str:
     return f"error: {message}"
 
 
-def results_folder(config: DictConfig) -> Path:
-    results = Path(str(config.results_dir))
-    return results if results.is_absolute() else Path(config.hydra.runtime.cwd) / results
-
-
 def job_folders(sweep_dir: Path) -> list[Path]:
     return sorted((p.parent for p in sweep_dir.glob(f"*/{JOB_FILE}")), key=lambda p: p.name)
 
@@ -66,6 +53,11 @@ class MultirunReport(Callback):
     """Per-job failures in one line, one aggregation and a summary at the end of a multirun."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        target = str(config.hydra.launcher.get("_target_", ""))
+        if target.startswith("hydra_plugins.hydra_submitit_launcher."):
+            from capkv.harness.launchers import install
+
+            install()  # a job killed outright is reported, not raised (capkv.harness.launchers)
         for folder in job_folders(Path(str(config.hydra.sweep.dir))):
             (folder / JOB_FILE).unlink(missing_ok=True)  # left by an earlier multirun
 
@@ -94,7 +86,7 @@ class MultirunReport(Callback):
             json.loads((folder / JOB_FILE).read_text())
             for folder in job_folders(Path(str(config.hydra.sweep.dir)))
         ]
-        for results_dir in sorted({record["results_dir"] for record in records}):
+        for results_dir in sorted({r["results_dir"] for r in records if r["results_dir"]}):
             if Path(results_dir, "runs").is_dir():
                 aggregate(results_dir)
                 print(f"tables rebuilt under {results_dir}", file=sys.stderr)

@@ -24,6 +24,7 @@ from capkv.harness.runner import (
     Cell,
     CellBusy,
     busy_message,
+    check_one_shard_count,
     check_protocol,
     check_same_config,
     shard_lock_path,
@@ -163,6 +164,7 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
             check_same_config(run_dir, resolved)
             if is_held(shard_lock_path(run_dir, shard)):
                 raise CellBusy(busy_message(run_dir, shard))
+            check_one_shard_count(run_dir, shard)
             cells.append(Cell(method, budget, run_dir, identity, shard, resolved, stream))
     return cells
 

@@ -25,8 +25,8 @@ from capkv.engine.streaming import StreamSettings, streamed
 from capkv.harness.shards import UNSHARDED, Shard, select_shard
 from capkv.results.metrics import write_metrics
 from capkv.results.store import CONFIG, ExampleLog, finished_rows, read_rows, stored_config
-from capkv.storage.files import write_atomically
-from capkv.storage.locking import FileLock, LockHeld, locked
+from capkv.storage.files import signals_deferred, write_atomically
+from capkv.storage.locking import FileLock, LockHeld, is_held, locked
 from capkv.tasks.base import Example, Reporting, Task, task_reporting
 from capkv.tasks.common import prompt_limit
 from capkv.tasks.prompting import PromptIds, prompt_overhead, tokenize_prompt
@@ -350,6 +350,7 @@ class RunLog:
         self.reporting: Reporting | None = task_reporting(config["task"]) if config else None
         self._log: ExampleLog | None = None
         self._lock: FileLock | None = None
+        self._count_lock: FileLock | None = None
 
     def start(self, example_ids: list[str]) -> None:
         """Claim this cell and shard for this process; ``example_ids`` are the cell's examples
@@ -359,9 +360,17 @@ class RunLog:
         except LockHeld:
             raise CellBusy(busy_message(self.run_dir, self.shard)) from None
         self.example_ids = example_ids
-        if self.config is not None:
+        try:
             with locked(self.run_dir / CELL_LOCK):
-                write_config(self.run_dir, self.config)
+                # Under the cell's lock, so two processes starting together see each other.
+                check_one_shard_count(self.run_dir, self.shard)
+                count = count_lock_path(self.run_dir, self.shard.count)
+                self._count_lock = FileLock(count).acquire(shared=True)
+                if self.config is not None:
+                    write_config(self.run_dir, self.config)
+        except BaseException:
+            self._release()
+            raise
         self.own_rows = read_rows(self.rows_path)
         self.own_size = file_size(self.rows_path)
         self.rows = finished_rows(self.run_dir, known={self.rows_path: self.own_rows})
@@ -373,13 +382,16 @@ class RunLog:
         return self.run_dir / self.shard.rows_file
 
     def append(self, row: dict[str, Any]) -> None:
+        """Append one row and note it as done; an interrupt arriving meanwhile is delivered
+        after both, so the metrics written on the way out count every row on disk."""
         if self._log is None:
             self._log = ExampleLog(self.rows_path, self.own_rows)
-        self._log.append(row)
-        self.own_rows.append(row)
-        self.own_size = self._log.size
-        self.rows.append(row)
-        self.done.add(row["example_id"])
+        with signals_deferred():
+            self._log.append(row)
+            self.own_rows.append(row)
+            self.own_size = self._log.size
+            self.rows.append(row)
+            self.done.add(row["example_id"])
 
     def close(self) -> dict[str, Any]:
         """Close the file, write the metrics of the cell's rows so far, release the claim."""
@@ -407,8 +419,14 @@ class RunLog:
                     reporting=self.reporting,
                 )
         finally:
-            self._lock.release()
-            self._lock = None
+            self._release()
+
+    def _release(self) -> None:
+        """Drop the claims on the (cell, shard) and on the shard count."""
+        for lock in (self._count_lock, self._lock):
+            if lock is not None:
+                lock.release()
+        self._lock = self._count_lock = None
 
 
 @dataclass
@@ -452,6 +470,34 @@ class Cell:
 def shard_lock_path(run_dir: Path, shard: Shard) -> Path:
     """The lock one writer of a (cell, shard) holds."""
     return run_dir / f".{shard.rows_file}.lock"
+
+
+def count_lock_path(run_dir: Path, count: int) -> Path:
+    """The lock every process writing a cell as ``count`` shards holds, shared."""
+    return run_dir / f".shards-{count}.lock"
+
+
+def running_shard_counts(run_dir: Path) -> list[int]:
+    """The shard counts other processes are writing the cell with now."""
+    counts = []
+    for path in run_dir.glob(".shards-*.lock"):
+        number = path.name.removeprefix(".shards-").removesuffix(".lock")
+        if number.isdigit() and is_held(path):
+            counts.append(int(number))
+    return sorted(counts)
+
+
+def check_one_shard_count(run_dir: Path, shard: Shard) -> None:
+    """Refuse to write a cell that another process is writing under another shard count: each
+    process skips the examples done when it starts, so two counts at once could run one example
+    twice (one after the other, they never do)."""
+    others = [count for count in running_shard_counts(run_dir) if count != shard.count]
+    if others:
+        raise CellBusy(
+            f"Another process is writing {run_dir} as shards={others[0]}, which would run "
+            f"examples of shards={shard.count} twice; run it with shards={others[0]} too, or "
+            "wait for that run to finish."
+        )
 
 
 def busy_message(run_dir: Path, shard: Shard) -> str:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from capkv.engine.decoding import check_head_masking
 from capkv.engine.method import EvictionMethod
 from capkv.harness.runner import check_protocol
+from capkv.models.loading import check_model_source
 from capkv.models.support import resolve_attn_implementation
 
 
@@ -363,6 +364,7 @@ def check_config(cfg: DictConfig) -> None:
         check_against_target(prefix, node)
     check_press_attention(plain)
     check_streaming(plain)
-    instantiate(cfg.model)  # the model config's own checks (dtype, attention implementation)
+    model = instantiate(cfg.model)  # the model config's own checks (dtype, attention)
     check_device(plain["model"].get("device", "cpu"))
+    check_model_source(model.name, model.cache_dir)  # before the plan, not when it loads
     check_results_dir(plain.get("results_dir"))

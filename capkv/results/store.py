@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from capkv.engine.budget import Budget
-from capkv.storage.files import write_atomically
+from capkv.storage.files import AppendLog, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -191,23 +190,26 @@ def finished_rows(
 
 
 class ExampleLog:
-    """Appends one JSON row per example and flushes it to disk at once."""
+    """Appends one JSON row per example, whole and synced, or not at all.
+
+    A row whose append fails (a full disk, an I/O error, Ctrl-C or SIGTERM mid-write) leaves
+    the file as it was before it (:func:`capkv.storage.files.append_whole`), so no reader (a
+    table rebuild, a resume, someone's pandas) ever sees a torn record.
+    """
 
     def __init__(self, path: Path, rows: list[dict[str, Any]]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Rewrite the valid rows so a torn last line never stays in the file.
+        # Rewrite the valid rows so a torn last line (a SIGKILL mid-write) never stays in the file.
         write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
-        self._stream = path.open("a")
+        self._log = AppendLog(path)
 
     def append(self, row: dict[str, Any]) -> None:
-        self._stream.write(json.dumps(row) + "\n")
-        self._stream.flush()
-        os.fsync(self._stream.fileno())
+        self._log.append(json.dumps(row) + "\n")
 
     @property
     def size(self) -> int:
         """Bytes of the file written so far."""
-        return self._stream.tell()
+        return self._log.size
 
     def close(self) -> None:
-        self._stream.close()
+        self._log.close()

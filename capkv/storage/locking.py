@@ -20,18 +20,23 @@ class LockHeld(RuntimeError):
 
 
 class FileLock:
-    """An exclusive ``flock`` on ``path`` (created if missing), held until :meth:`release`."""
+    """A ``flock`` on ``path`` (created if missing; exclusive unless asked shared), held until
+    :meth:`release`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
 
-    def acquire(self, blocking: bool = True) -> FileLock:
-        """Take the lock; without ``blocking``, raise :class:`LockHeld` if another holds it."""
+    def acquire(self, blocking: bool = True, shared: bool = False) -> FileLock:
+        """Take the lock; without ``blocking``, raise :class:`LockHeld` if another holds it.
+
+        With ``shared``, other shared holders are let in (and :func:`is_held` sees them all).
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+            fcntl.flock(fd, mode | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             raise LockHeld(str(self.path)) from None

@@ -24,6 +24,7 @@ from capkv.tasks.common import (
     magic_key,
     magic_number,
     normalize_text,
+    prompt_tokens,
 )
 from capkv.tasks.haystack import build_haystack, insert_needles
 
@@ -201,8 +202,11 @@ class NeedleTask:
         Raises
         ------
         ValueError
-            Before yielding anything, if some length's prompt does not fit ``max_prompt_tokens``.
+            Before yielding anything, if some length cannot hold the intro and the needle, or
+            its prompt does not fit ``max_prompt_tokens``.
         """
+        for length in self.context_lengths:
+            self.check_holds(tokenizer, length)
         examples = [
             self.example(tokenizer, length, depth)
             for length in self.context_lengths
@@ -211,6 +215,30 @@ class NeedleTask:
         for example in examples:
             check_prompt_fits(tokenizer, example, max_prompt_tokens)
         yield from examples
+
+    def check_holds(self, tokenizer: Any, context_length: int) -> None:
+        """Refuse a context length that cannot hold the task's fixed parts (intro and needle),
+        saying how many tokens they take: such a context would silently be longer than asked."""
+        texts = self.texts(context_length, self.depths[0] if self.depths else 0.0)
+        context = f"{texts['intro']}\n{texts['needle']}" if texts["intro"] else texts["needle"]
+        fixed = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+        if context_length <= fixed:
+            rest = Example(
+                example_id="",
+                context="",
+                question="\n\n" + texts["question"],
+                answers=[],
+                max_new_tokens=self.max_new_tokens,
+                use_chat_template=True,
+                answer_prefix=texts["answer_prefix"],
+            )
+            around = prompt_tokens(tokenizer, rest)
+            raise ValueError(
+                f"context length {context_length} cannot hold the needle task's fixed parts: its "
+                f"intro and needle take {fixed} tokens of the context (the question, answer "
+                f"prefix and chat template {around} more of the prompt); pass "
+                f"task.context_lengths=[...] of at least {fixed + 1} tokens."
+            )
 
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         """``exact`` (string match) and ``graded`` (digit edit similarity or ROUGE-1 recall)."""

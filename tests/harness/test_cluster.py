@@ -42,15 +42,51 @@ SLURM_JOBS = [
 ]
 
 
+# What a timeout shows: the SLURM daemons' last log lines (a dead or hung controller says why).
+SLURM_LOGS = [Path("/var/log/slurm/slurmctld.log"), Path("/var/log/slurm/slurmd.log")]
+
+
+def service_logs(lines: int = 20) -> str:
+    """The last lines of the SLURM daemons' logs (empty where there are none)."""
+    parts = []
+    for log in SLURM_LOGS:
+        if log.is_file():
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- last {len(tail)} lines of {log}:\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
+def bounded(command: list[str], timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that fails the test with the services' logs instead of hanging."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as expired:
+        stderr = expired.stderr.decode(errors="replace") if expired.stderr else ""
+        raise AssertionError(
+            f"{' '.join(map(str, command))} did not finish within {timeout:.0f}s\n"
+            f"{stderr[-2000:]}\n{service_logs()}"
+        ) from None
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+    """``process.communicate`` that kills it and fails the test with the logs after ``timeout``."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+        raise AssertionError(
+            f"the run did not finish within {timeout:.0f}s\n{err[-2000:]}\n{service_logs()}"
+        ) from None
+
+
 def command(*overrides: str) -> list[str]:
     return [sys.executable, str(ROOT / "run.py"), *overrides]
 
 
 def run(cwd: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """python run.py <overrides> in ``cwd`` (Hydra's outputs land there)."""
-    return subprocess.run(
-        command(*overrides), cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=600
-    )
+    return bounded(command(*overrides), timeout=600, cwd=cwd, env=env or ENV)
 
 
 def start(cwd: Path, *overrides: str) -> subprocess.Popen:
@@ -83,7 +119,7 @@ def wait_until(condition, what: str, timeout: float = 300, process=None) -> None
         if process is not None and process.poll() is not None:
             raise AssertionError(f"the run ended before {what}: {process.stderr.read()[-3000:]}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}\n{service_logs()}")
         time.sleep(0.05)
 
 
@@ -110,7 +146,7 @@ def test_a_shard_killed_mid_run_resumes_to_the_uninterrupted_tables(tmp_path, re
         wait_until(lambda: rows_in(shard0) >= 1, "the first row", process=process)
     finally:
         process.send_signal(signal.SIGKILL)
-        process.wait()
+        process.wait(timeout=60)
     assert rows_in(shard0) < N_EXAMPLES // 2, "killed too late to test anything"
     # The config was declared before the first row: other settings are refused, even now.
     assert (cell(tmp_path / "results") / "config.yaml").exists()
@@ -134,7 +170,7 @@ def test_two_concurrent_runs_of_one_cell_give_one_refusal_and_no_duplicated_row(
         second = run(tmp_path, *SWEEP, "results_dir=results")
     finally:
         first.send_signal(signal.SIGCONT)
-        out, err = first.communicate(timeout=600)
+        out, err = finish(first)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode != 0
     assert error_lines(second.stderr) == [
@@ -152,17 +188,13 @@ def test_concurrent_runs_of_different_cells_both_appear_in_the_tables(tmp_path):
     overrides = [*SWEEP[:3], "budget=64", "results_dir=results"]
     runs = [start(tmp_path, *overrides, f"method={m}") for m in ("capkv", "streamingllm")]
     for process in runs:
-        _, err = process.communicate(timeout=600)
+        _, err = finish(process)
         assert process.returncode == 0, err[-3000:]
     written = tables(tmp_path / "results")
     assert {"capkv", "streamingllm"} <= set(written["main_table.csv"].split(","))
     rebuilt = ok(
-        subprocess.run(
-            [sys.executable, "-m", "capkv.results", "results"],
-            cwd=tmp_path,
-            env=ENV,
-            capture_output=True,
-            text=True,
+        bounded(
+            [sys.executable, "-m", "capkv.results", "results"], timeout=600, cwd=tmp_path, env=ENV
         )
     )
     assert "wrote" in rebuilt.stdout
@@ -226,13 +258,89 @@ def test_bad_cluster_input_gives_one_error_line_and_writes_nothing(tmp_path, ove
     assert not (tmp_path / "results").exists()
 
 
+def holder_of(lock: Path) -> int | None:
+    """The process holding ``lock`` open (a job of the local launcher), read from /proc."""
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            links = [os.readlink(fd) for fd in fd_dir.iterdir()]
+        except OSError:
+            continue
+        if str(lock) in links:
+            return int(fd_dir.parent.name)
+    return None
+
+
+def test_a_job_killed_outright_is_reported_in_one_line_and_resubmitting_resumes(tmp_path):
+    """SIGKILL (what the out-of-memory killer sends) to one local job: the other finishes, the
+    multirun ends with the summary and exit status 1, and the same command again completes."""
+    sweep = [*SWEEP, "task.max_new_tokens=96"]  # long answers: the kill lands mid-shard
+    overrides = ["-m", "hydra/launcher=local", "hydra.launcher.cpus_per_task=1", *sweep]
+    overrides += ["shards=2", "shard=0,1", "results_dir=results"]
+    shard0 = cell(tmp_path / "results") / Shard(0, 2).rows_file
+    lock = shard_lock_path(cell(tmp_path / "results"), Shard(0, 2))
+    multirun = start(tmp_path, *overrides)
+    try:
+        wait_until(lambda: rows_in(shard0) >= 1, "shard 0's first row", process=multirun)
+        job = holder_of(lock)
+        assert job is not None and job != multirun.pid
+        os.kill(job, signal.SIGKILL)
+        _, err = finish(multirun)
+    finally:
+        if multirun.poll() is None:
+            multirun.kill()
+    assert rows_in(shard0) < N_EXAMPLES // 2, "killed too late to test anything"
+    assert multirun.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lost = "error: the job ended without a result (state "
+    assert f"job #0: {lost}" in err
+    assert "multirun: 1 of 2 jobs failed:" in err
+    summary = [line for line in err.splitlines() if line.startswith("  #")]
+    assert len(summary) == 1 and summary[0].startswith("  #0 (")
+    assert "killed outright (SIGKILL, as the out-of-memory killer does)" in summary[0]
+    shard1 = cell(tmp_path / "results") / Shard(1, 2).rows_file
+    assert rows_in(shard1) == N_EXAMPLES // 2  # the other job finished
+    ok(run(tmp_path, *overrides))
+    for method in ("capkv", "streamingllm"):
+        folder = cell(tmp_path / "results", method)
+        ids = [row["example_id"] for row in finished_rows(folder)]
+        lines = sum(rows_in(path) for path in folder.glob("examples*.jsonl"))
+        assert len(ids) == len(set(ids)) == lines == N_EXAMPLES
+
+
+def test_a_cell_being_written_under_one_shard_count_refuses_another(tmp_path):
+    """Each process skips what was done when it started, so two shard counts at once could run
+    one example twice: the second count is refused; one after the other, nothing runs twice."""
+    results = tmp_path / "results"
+    lock = shard_lock_path(cell(results), Shard(0, 2))
+    first = start(tmp_path, *SWEEP, "shards=2", "shard=0", "results_dir=results")
+    try:
+        wait_until(lambda: is_held(lock), "shard 0 of 2 to claim its cells", process=first)
+        first.send_signal(signal.SIGSTOP)
+        second = run(tmp_path, *SWEEP, "results_dir=results")
+    finally:
+        first.send_signal(signal.SIGCONT)
+        _, err = finish(first)
+    assert first.returncode == 0, err[-3000:]
+    assert second.returncode == 1
+    assert error_lines(second.stderr) == [
+        f"error: Another process is writing {cell(results)} as shards=2, which would run "
+        "examples of shards=1 twice; run it with shards=2 too, or wait for that run to finish."
+    ]
+    ok(run(tmp_path, *SWEEP, "shards=3", "shard=1", "results_dir=results"))
+    ok(run(tmp_path, *SWEEP, "results_dir=results"))  # resumed under a third count
+    for method in ("capkv", "streamingllm"):
+        folder = cell(results, method)
+        lines = sum(rows_in(path) for path in folder.glob("examples*.jsonl"))
+        assert lines == len(finished_rows(folder)) == N_EXAMPLES  # no example ran twice
+
+
 # --------------------------------------------------------------------------- a real SLURM
 
 
 def slurm_answers() -> bool:
     if shutil.which("sbatch") is None:
         return False
-    state = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    state = bounded(["sinfo", "-h", "-o", "%T"])
     return state.returncode == 0 and any(
         s.startswith(("idle", "mixed", "allocated")) for s in state.stdout.split()
     )
@@ -248,15 +356,16 @@ def slurm():
             if os.environ.get("CI") == "true":
                 pytest.fail(f"CI must run the SLURM tests: {reason}")
             pytest.skip(reason)
-        subprocess.run([str(ROOT / ".ci" / "slurm.sh"), "start"], check=True)
+        started_now = bounded([str(ROOT / ".ci" / "slurm.sh"), "start"], timeout=1800)
+        assert started_now.returncode == 0, started_now.stderr[-3000:]
         started = True
     yield
     if started:
-        subprocess.run([str(ROOT / ".ci" / "slurm.sh"), "stop"], check=True)
+        bounded([str(ROOT / ".ci" / "slurm.sh"), "stop"], timeout=120)
 
 
 def slurm_queue_empty() -> bool:
-    queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True)
+    queue = bounded(["squeue", "-h", "-o", "%i"])
     return queue.returncode == 0 and not queue.stdout.strip()
 
 
@@ -283,10 +392,10 @@ def test_a_cancelled_slurm_shard_resubmitted_completes_the_tables(slurm, tmp_pat
     multirun = start(tmp_path, *overrides)
     try:
         wait_until(lambda: rows_in(shard0) >= 1, "shard 0's first row", process=multirun)
-        queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True)
+        queue = bounded(["squeue", "-h", "-o", "%i"])
         (task,) = [job for job in queue.stdout.split() if job.endswith("_0")]
-        subprocess.run(["scancel", task], check=True)
-        _, err = multirun.communicate(timeout=600)
+        assert bounded(["scancel", task]).returncode == 0
+        _, err = finish(multirun)
     finally:
         if multirun.poll() is None:
             multirun.kill()
@@ -296,6 +405,56 @@ def test_a_cancelled_slurm_shard_resubmitted_completes_the_tables(slurm, tmp_pat
     wait_until(slurm_queue_empty, "shard 1 to finish")
     ok(run(tmp_path, *overrides))
     assert tables(tmp_path / "results") == tables(tmp_path / "reference")
+
+
+def test_a_slurm_shard_killed_outright_is_one_line_and_resubmitting_resumes(slurm, tmp_path):
+    """SIGKILL to array task 0 (as the out-of-memory killer does): no result comes back from
+    it, the multirun reports it in one line and exits 1 after task 1 finished; resubmitting
+    completes the cell with no example run twice."""
+    sweep = [*SWEEP, "task.max_new_tokens=96"]
+    overrides = ["-m", *SLURM_JOBS, *sweep, "shards=2", "shard=0,1", "results_dir=results"]
+    shard0 = cell(tmp_path / "results") / Shard(0, 2).rows_file
+    multirun = start(tmp_path, *overrides)
+    try:
+        wait_until(lambda: rows_in(shard0) >= 1, "shard 0's first row", process=multirun)
+        # The node is this machine: the job's process is killed as the OOM killer kills it.
+        job = holder_of(shard_lock_path(cell(tmp_path / "results"), Shard(0, 2)))
+        assert job is not None
+        os.kill(job, signal.SIGKILL)
+        _, err = finish(multirun)
+    finally:
+        if multirun.poll() is None:
+            multirun.kill()
+    assert rows_in(shard0) < N_EXAMPLES // 2, "killed too late to test anything"
+    assert multirun.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert "job #0: error: the job ended without a result (state " in err
+    assert "multirun: 1 of 2 jobs failed:" in err
+    wait_until(slurm_queue_empty, "the queue to empty", timeout=120)
+    ok(run(tmp_path, *overrides))
+    for method in ("capkv", "streamingllm"):
+        folder = cell(tmp_path / "results", method)
+        lines = sum(rows_in(path) for path in folder.glob("examples*.jsonl"))
+        assert lines == len(finished_rows(folder)) == N_EXAMPLES
+
+
+def test_slurm_start_with_a_hung_controller_fails_with_its_log_lines(slurm):
+    """A controller that no longer answers (stopped, as a hung one is) fails .ci/slurm.sh within
+    its bounded wait, with the daemons' last log lines, instead of hanging CI."""
+    pid = int(Path("/run/slurmctld.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        result = bounded([str(ROOT / ".ci" / "slurm.sh"), "start"], timeout=300)
+        took = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert result.returncode == 1
+    assert f"the node {os.uname().nodename.split('.')[0]} did not come up within 60s" in (
+        result.stderr
+    )
+    assert "last 20 lines of /var/log/slurm/slurmctld.log:" in result.stderr
+    assert took < 200
+    wait_until(slurm_answers, "the controller to answer again", timeout=120)
 
 
 # --------------------------------------------------------------------------- per-job resources

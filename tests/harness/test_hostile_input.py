@@ -120,6 +120,31 @@ BAD_INPUTS = [
         "task.length=5000 is longer than the model's 4096 positions",
     ),
     ("damaged config.yaml", ["method=capkv", "budget=64"], "config.yaml is not a valid config"),
+    (
+        "context too short for the needle",
+        ["task.context_lengths=[10]"],
+        "context length 10 cannot hold the needle task's fixed parts: its intro and needle take ",
+    ),
+    (
+        "context too short for RULER",
+        ["task=ruler", "task.subtasks=[niah_single]", "task.context_lengths=[150]"],
+        "context length 150 cannot hold RULER niah_single's fixed parts",
+    ),
+    (
+        "model folder missing",
+        ["model.name={tmp}/no-such-model"],
+        "Model folder '{tmp}/no-such-model' does not exist",
+    ),
+    (
+        "model folder without a checkpoint",
+        ["model.name={tmp}"],
+        "Folder '{tmp}' holds no transformers checkpoint (config.json)",
+    ),
+    (
+        "hub id unknown, offline",
+        ["model.name=capkv-nobody/no-such-model"],
+        "Model 'capkv-nobody/no-such-model' could not be found locally or on the Hugging Face hub",
+    ),
     ("floor above 1", ["method=snapkv", "method.floor=1.5"], "floor=1.5 is outside [0, 1]"),
     ("floor below 0", ["method=capkv_adaptive", "method.floor=-0.1"], "floor=-0.1 is outside"),
     ("unknown allocation", ["method.allocation=greedy"], "allocation='greedy' is not an"),
@@ -219,6 +244,7 @@ def refusals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, 
     result = subprocess.run(
         [sys.executable, "-c", DRIVER, str(ROOT), json.dumps(argvs)],
         cwd=tmp,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},  # the hub offline: its lookups fail at once
         capture_output=True,
         text=True,
         timeout=900,

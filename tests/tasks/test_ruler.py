@@ -163,5 +163,16 @@ def test_too_long_and_too_short_lengths_raise_clear_errors(tokenizer) -> None:
     with pytest.raises(ValueError, match=r"context length 2048.*limit of 1000.*context_lengths"):
         next(too_long.examples(tokenizer, max_prompt_tokens=1000))
     too_short = NiahTask(context_lengths=[150], num_examples=1)
-    with pytest.raises(ValueError, match="too short for RULER niah_single"):
+    with pytest.raises(ValueError) as raised:
         next(too_short.examples(tokenizer, max_prompt_tokens=1000))
+    # The fixed parts are counted, so the user knows the shortest length that holds them.
+    match = re.fullmatch(
+        r"context length 150 cannot hold RULER niah_single's fixed parts: its intro, needles or "
+        r"items, question and answer prefix take (\d+) tokens and the answer max_new_tokens=128 "
+        r"more; pass task.context_lengths=\[\.\.\.\] of at least about (\d+)\.",
+        str(raised.value),
+    )
+    assert match, str(raised.value)
+    fixed, least = (int(group) for group in match.groups())
+    assert least == fixed + 128 + 1 > 150
+    assert next(NiahTask(context_lengths=[least + 20], num_examples=1).examples(tokenizer, 1000))

@@ -156,9 +156,12 @@ class RulerTask:
 
         size = _largest_fitting(fits, guess)
         if size == 0:
+            fixed = self.fixed_tokens(tokenizer, context_length, index)
             raise ValueError(
-                f"context length {context_length} is too short for RULER {self.subtask} with "
-                f"max_new_tokens={self.max_new_tokens}; pass longer task.context_lengths=[...]"
+                f"context length {context_length} cannot hold RULER {self.subtask}'s fixed parts: "
+                f"its intro, needles or items, question and answer prefix take {fixed} tokens and "
+                f"the answer max_new_tokens={self.max_new_tokens} more; pass "
+                f"task.context_lengths=[...] of at least about {fixed + self.max_new_tokens + 1}."
             )
         parts = built[size]
         example = Example(
@@ -172,6 +175,19 @@ class RulerTask:
             metadata={"subtask": self.subtask, "context_length": context_length},
         )
         return example, size
+
+    def fixed_tokens(self, tokenizer: Any, context_length: int, index: int) -> int:
+        """Tokens of example ``index``'s prompt at the smallest size (no haystack, or one unit
+        of a word list): what every context length must hold besides the answer."""
+        for size in (0, 1):
+            rng = random.Random(f"{self.seed}:{self.subtask}:{context_length}:{index}")
+            try:
+                parts = self.prompt(tokenizer, rng, context_length, size)
+            except (ValueError, IndexError, ZeroDivisionError):
+                continue
+            text = f"{parts.context}{parts.question} {parts.answer_prefix}"
+            return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        return 0
 
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         """``string_match_all`` over the references."""
