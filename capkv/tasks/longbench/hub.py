@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import IO
 
 from capkv.models.cache import cache_root
+from capkv.storage.folders import sha256_of
 from capkv.storage.locking import locked
 
 HUB_REPO = "zai-org/LongBench"
@@ -202,14 +203,6 @@ def read_manifest(folder: Path) -> dict[str, FileEntry]:
         ) from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify(folder: Path, names: list[str], repo: str) -> None:
     """Check the files a run reads against the folder's manifest.
 
@@ -238,7 +231,7 @@ def verify(folder: Path, names: list[str], repo: str) -> None:
             )
         path, entry = folder / name, manifest[name]
         size = path.stat().st_size if path.is_file() else None
-        if size != entry.size or _sha256(path) != entry.sha256:
+        if size != entry.size or sha256_of(path) != entry.sha256:
             found = (
                 "is missing"
                 if size is None
