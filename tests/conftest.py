@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 # Triton kernels run on the CPU (tests/engine/test_h2o_kernel.py). Triton reads this when it is first
 # imported (transformers may import it through torch), so it is set before anything else.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import DynamicCache, PreTrainedTokenizerFast  # noqa: E402
@@ -70,3 +71,14 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenize
 def essay_tokenizer() -> PreTrainedTokenizerFast:
     """A 2000-token BPE of the Paul Graham essays, for the needle and RULER tasks."""
     return train_bpe_tokenizer([path.read_text() for path in essay_files()], vocab_size=2000)
+
+
+def require_kvpress(reason: str | None, extra: str = "kvpress") -> None:
+    """Skip the calling test module where kvpress cannot run (``reason`` says why), or fail where
+    ``make test`` requires it (``CAPKV_REQUIRE_KVPRESS=1``, in .venv-oracle); nothing if it can."""
+    if reason is None:
+        return
+    reason += f": make test runs these tests in .venv-oracle (or pip install -e '.[{extra}]')"
+    if os.environ.get("CAPKV_REQUIRE_KVPRESS") == "1":  # set by make test: fail, never skip
+        raise RuntimeError(f"CAPKV_REQUIRE_KVPRESS=1 but {reason}")
+    pytest.skip(reason, allow_module_level=True)

@@ -8,19 +8,14 @@ model, eager and sdpa, batch 1 and 3. docs/kvpress.md is the table of these resu
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from transformers import DynamicCache
 
 from capkv.interop import kvpress_problem
+from tests.conftest import require_kvpress
 
-if (reason := kvpress_problem()) is not None:
-    reason += ": make test runs these tests in .venv-oracle (or pip install -e '.[kvpress]')"
-    if os.environ.get("CAPKV_REQUIRE_KVPRESS") == "1":  # set by make test: fail, never skip
-        raise RuntimeError(f"CAPKV_REQUIRE_KVPRESS=1 but {reason}")
-    pytest.skip(reason, allow_module_level=True)
+require_kvpress(kvpress_problem(), "kvpress")
 
 import kvpress  # noqa: E402
 

@@ -13,13 +13,14 @@ is within ``TIE_TOLERANCE`` (relative) of the boundary score; in these runs none
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 import transformers
 from packaging.version import Version
 from transformers import DynamicCache
+
+from tests.conftest import require_kvpress
 
 
 def kvpress_unavailable() -> str | None:
@@ -33,11 +34,7 @@ def kvpress_unavailable() -> str | None:
     return None
 
 
-if (reason := kvpress_unavailable()) is not None:
-    reason += ": make test runs these tests in .venv-oracle (or pip install -e '.[oracle]')"
-    if os.environ.get("CAPKV_REQUIRE_KVPRESS") == "1":  # set by make test: fail, never skip
-        raise RuntimeError(f"CAPKV_REQUIRE_KVPRESS=1 but {reason}")
-    pytest.skip(reason, allow_module_level=True)
+require_kvpress(kvpress_unavailable(), "oracle")
 
 import kvpress  # noqa: E402
 
