@@ -73,8 +73,9 @@ def draw_curves(ax: Axes, rows: pd.DataFrame) -> None:
         ax.plot(points["x"], points["score"], **style)
         draw_band(ax, points["x"], points["low"], points["high"], method, style)
         if len(points) == 1:  # a band needs two budgets: one budget's interval as a whisker
-            whisker = [points["score"] - points["low"], points["high"] - points["score"]]
-            ax.errorbar(points["x"], points["score"], yerr=whisker, color=style["color"],
+            x, score = points["x"].to_numpy(), points["score"].to_numpy()
+            whisker = [score - points["low"].to_numpy(), points["high"].to_numpy() - score]
+            ax.errorbar(x, score, yerr=whisker, color=style["color"],
                         capsize=4, linewidth=1.2, zorder=style["zorder"])  # fmt: skip
 
 
