@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate, to_absolute_path
@@ -101,11 +100,8 @@ def method_config(cfg: DictConfig, name: str, chosen: str) -> DictConfig:
     overrides = [f"method={name}"]
     if name.startswith(PRESS_PREFIX):
         overrides = ["method=kvpress", f"method.press={press_class_name(name)}"]
-    try:
-        if GlobalHydra.instance().is_initialized():
-            return compose("config", overrides=overrides).method
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=overrides).method
+    try:  # inside the run's Hydra app (run.py), which plan_cells needs too
+        return compose("config", overrides=overrides).method
     except MissingConfigException:
         valid = ", ".join(sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml")))
         raise ValueError(f"Unknown method {name!r} in methods; choose from: {valid}.") from None

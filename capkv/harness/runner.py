@@ -343,7 +343,6 @@ class RunLog:
         self.config = config
         self.rows: list[dict[str, Any]] = []
         self.own_rows: list[dict[str, Any]] = []  # this shard's file, read once at the start
-        self.own_size = 0  # its bytes as far as own_rows holds them
         self.done: set[str] = set()
         self.example_ids: list[str] | None = None
         # How the task reports its scores, saved in metrics.json (asked before any work).
@@ -372,7 +371,6 @@ class RunLog:
             self._release()
             raise
         self.own_rows = read_rows(self.rows_path)
-        self.own_size = file_size(self.rows_path)
         self.rows = finished_rows(self.run_dir, known={self.rows_path: self.own_rows})
         self.done = {row["example_id"] for row in self.rows}
 
@@ -389,7 +387,6 @@ class RunLog:
         with signals_deferred():
             self._log.append(row)
             self.own_rows.append(row)
-            self.own_size = self._log.size
             self.rows.append(row)
             self.done.add(row["example_id"])
 
@@ -402,11 +399,8 @@ class RunLog:
             return {}
         try:
             with locked(self.run_dir / CELL_LOCK):
-                # Only the other shards' files are read again: they may have grown meanwhile. This
-                # shard's is read again only when a row reached it but not own_rows (a signal
-                # between the two).
-                if file_size(self.rows_path) != self.own_size:
-                    self.own_rows = read_rows(self.rows_path)
+                # Only the other shards' files are read again: they may have grown meanwhile
+                # (this shard's rows are own_rows: append updates disk and memory together).
                 known = {self.rows_path: self.own_rows}
                 self.rows = finished_rows(self.run_dir, order=self.example_ids, known=known)
                 if not self.rows:
@@ -534,8 +528,3 @@ def run_cell(
     finally:
         metrics = cell.log.close()
     return metrics
-
-
-def file_size(path: Path) -> int:
-    """Bytes in ``path`` (0 when it does not exist)."""
-    return path.stat().st_size if path.exists() else 0

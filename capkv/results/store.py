@@ -206,10 +206,5 @@ class ExampleLog:
     def append(self, row: dict[str, Any]) -> None:
         self._log.append(json.dumps(row) + "\n")
 
-    @property
-    def size(self) -> int:
-        """Bytes of the file written so far."""
-        return self._log.size
-
     def close(self) -> None:
         self._log.close()

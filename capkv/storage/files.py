@@ -113,13 +113,6 @@ class AppendLog:
             raise ValueError(f"{self.path} is closed")
         append_whole(self._fd, text.encode("utf-8"))
 
-    @property
-    def size(self) -> int:
-        """Bytes of the file (every record appended so far, and those before)."""
-        if self._fd is None:
-            raise ValueError(f"{self.path} is closed")
-        return os.fstat(self._fd).st_size
-
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
