@@ -11,18 +11,13 @@ import pandas as pd
 
 from capkv.results.format import markdown, with_identity_types
 from capkv.results.metrics import run_reporting
-from capkv.results.order import budget_order, method_sort_key
+from capkv.results.order import run_order
 from capkv.results.store import IDENTITY_KEYS, RUN_KEYS, finished_rows
 from capkv.tasks.longbench.buckets import AVERAGE, BUCKETS, bucket_scores
 from capkv.tasks.longbench.task import BENCHMARK_E
 
 TABLE = "longbench_e"  # longbench_e.csv, longbench_e.md: folders with LongBench-E runs only
 COLUMNS = ["subtask", "bucket", "score", "n"]
-
-
-def run_order(metrics: dict[str, Any]) -> tuple:
-    """Model, task and protocol, then the full cache, budgets from the tightest, methods."""
-    return (*budget_order(metrics), method_sort_key(metrics["method"], metrics["variant"]))
 
 
 def length_bucket_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:

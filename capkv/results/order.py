@@ -42,3 +42,9 @@ def budget_order(metrics: dict[str, Any]) -> tuple:
         tokens or 0,
         -(ratio or 0),
     )
+
+
+def run_order(metrics: dict[str, Any]) -> tuple:
+    """A run's place in a table of runs: model, task and protocol, then the full cache, budgets
+    from the tightest, then methods (:func:`method_sort_key`)."""
+    return (*budget_order(metrics), method_sort_key(metrics["method"], metrics["variant"]))
