@@ -7,6 +7,8 @@ from the tables :mod:`capkv.figures.data` reads and styled by :mod:`capkv.figure
 - :mod:`~capkv.figures.curves`: score against budget, one panel per task family;
 - :mod:`~capkv.figures.capacity`: score against retained capacity and attention error;
 - :mod:`~capkv.figures.perplexity`: perplexity against position, one panel per budget;
+- :mod:`~capkv.figures.turns`: score against question index of the shared-context runs, one
+  panel per budget;
 - :mod:`~capkv.figures.tables`: per-task tables (subtasks as columns);
 - :mod:`~capkv.figures.allocation`: CapKV's allocation per (layer, KV head) beside PyramidKV's
   schedule, from the table ``scripts/allocation_map.py`` writes under ``results/allocation/``;

@@ -1,9 +1,10 @@
 """The tables figures are drawn from: read from a results folder, never written here.
 
 ``make tables`` (:func:`capkv.results.tables.aggregate`) builds ``scores.csv``, ``needle.csv``,
-``intervals.csv`` (every headline with its bootstrap interval) and ``perplexity.csv`` from the
-run folders; drawing only reads them, after checking that they are what the run folders give
-now (a table older than a run's ``metrics.json`` stops the drawing with what to run).
+``intervals.csv`` (every headline with its bootstrap interval), ``perplexity.csv`` and
+``turns.csv`` from the run folders; drawing only reads them, after checking that they are what
+the run folders give now (a table older than a run's ``metrics.json`` stops the drawing with
+what to run).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from capkv.figures.style import is_full
-from capkv.results import length_buckets
+from capkv.results import length_buckets, turns
 from capkv.results.metrics import is_perplexity, load_metrics
 from capkv.results.store import IDENTITY_KEYS, RUN_KEYS, RUNS
 from capkv.results.tables import score_table
@@ -25,6 +26,7 @@ INTERVALS = "intervals.csv"
 TABLES = (SCORES, NEEDLE, INTERVALS)
 PERPLEXITY = "perplexity.csv"  # folders with perplexity runs (capkv.results.perplexity) only
 LONGBENCH_E = f"{length_buckets.TABLE}.csv"  # folders with LongBench-E runs only
+TURNS = f"{turns.TABLE}.csv"  # folders with shared-context runs (capkv.results.turns) only
 NEEDLE_COLUMNS = [*IDENTITY_KEYS, "context_length", "depth", "prompt_tokens"]
 
 
@@ -111,6 +113,12 @@ def load_length_buckets(results_dir: Path) -> pd.DataFrame:
     """``longbench_e.csv`` of ``results_dir`` (empty where no run is of LongBench-E); call after
     :func:`load_tables`, which checks that it is there when it should be."""
     return read_csv(results_dir / LONGBENCH_E)
+
+
+def load_turns(results_dir: Path) -> pd.DataFrame:
+    """``turns.csv`` of ``results_dir``: scores by question index of the shared-context runs
+    (empty where there are none)."""
+    return read_csv(results_dir / TURNS)
 
 
 def load_perplexity(results_dir: Path) -> pd.DataFrame:
