@@ -16,9 +16,8 @@ from transformers.utils import logging as transformers_logging
 
 from capkv.harness.cluster import check_launcher, launcher_choice, prepare_job
 from capkv.harness.plan import CONF_DIR, PRESS_PREFIX, RunPlan, plan_run
-from capkv.harness.runner import (
-    run_cell,
-)
+from capkv.harness.runner import SHARED_PROTOCOLS, run_cell
+from capkv.harness.shared_context import run_shared_cell, run_shared_sweep
 from capkv.harness.sweep import run_sweep
 from capkv.interop import press_class_name
 from capkv.results.format import markdown
@@ -113,7 +112,23 @@ def run_plan(plan: RunPlan) -> list[dict[str, Any]]:
     rebuild the tables (outside a multirun, which rebuilds them once at its end) and print
     each cell's scores."""
     model, tokenizer = load_model_cached(plan.model_yaml)
-    if plan.apart is None:
+    if plan.protocol in SHARED_PROTOCOLS and plan.apart is None:
+        all_metrics = run_shared_sweep(
+            model,
+            tokenizer,
+            plan.task,
+            plan.cells,
+            plan.protocol,
+            accumulate=plan.accumulate,
+            diagnostics=plan.diagnostics,
+            decode_batch=plan.decode_batch,
+        )
+    elif plan.protocol in SHARED_PROTOCOLS:
+        all_metrics = [
+            run_shared_cell(model, tokenizer, plan.task, cell, plan.protocol, plan.accumulate)
+            for cell in plan.cells
+        ]
+    elif plan.apart is None:
         all_metrics = run_sweep(
             model,
             tokenizer,

@@ -38,6 +38,7 @@ from capkv.tasks.base import Task, capped
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SWEEP_KEYS = ("methods", "budgets", "ratios")
 SHARD_KEYS = ("shards", "shard")  # which examples a process runs, not what a cell holds
+ACCUMULATE = "accumulate"  # the variant of a shared-context run whose turns stay in the cache
 PRESS_PREFIX = "kvpress-"  # methods=[kvpress-tova]: a kvpress press (capkv.interop)
 
 
@@ -64,6 +65,9 @@ class RunPlan:
     apart : str or None
         Why the cells cannot share one prefill per example (:func:`unshared_prefill`); None
         where they do (sweep mode).
+    accumulate : bool
+        Whether a shared-context protocol keeps every question and answer in the cache (the
+        multi-turn variant, :mod:`capkv.harness.shared_context`).
     """
 
     model_yaml: str
@@ -74,6 +78,7 @@ class RunPlan:
     diagnostics: bool = False
     decode_batch: bool | None = None
     apart: str | None = None
+    accumulate: bool = False
 
 
 def choose_budget(cfg: DictConfig, method: EvictionMethod) -> Budget | None:
@@ -131,7 +136,8 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
     names = list(cfg.methods) if sweeping and cfg.methods else [choices["method"]]
     shard = Shard(cfg.shard, cfg.shards)
     stream = StreamSettings(cfg.get("chunk"), cfg.get("compress_every"))
-    variant = "-".join(part for part in (str(cfg.variant or ""), stream.label) if part)
+    turns = ACCUMULATE if cfg.get("accumulate") else ""
+    variant = "-".join(part for part in (str(cfg.variant or ""), stream.label, turns) if part)
     results_dir = Path(to_absolute_path(cfg.results_dir))
     base = OmegaConf.to_container(cfg, resolve=True)
     for key in (*SWEEP_KEYS, *SHARD_KEYS):
@@ -202,4 +208,5 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         diagnostics=bool(cfg.diagnostics),
         decode_batch=decode_batch,
         apart=apart,
+        accumulate=bool(cfg.get("accumulate")),
     )

@@ -33,7 +33,8 @@ from capkv.tasks.prompting import PromptIds, prompt_overhead, tokenize_prompt
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("query_aware", "context_only")
+SHARED_PROTOCOLS = ("shared_context", "shared_first_question")  # capkv.harness.shared_context
+PROTOCOLS = ("query_aware", "context_only", *SHARED_PROTOCOLS)
 MAX_NEW_TOKENS_CAP = 512  # room left for the answer when a task truncates its prompts
 
 
@@ -82,7 +83,12 @@ def decode(
         generated = [
             greedy_generate(model, cache, start, max_new_tokens, stops, **fed) for cache in caches
         ]
-    return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in generated]
+    return [answer_text(tokenizer, tokens) for tokens in generated]
+
+
+def answer_text(tokenizer: Any, tokens: list[int]) -> str:
+    """The text of a generated answer, special tokens dropped, stripped."""
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
 def answer_under(

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from capkv.engine.decoding import check_head_masking
 from capkv.engine.method import EvictionMethod
-from capkv.harness.runner import check_protocol
+from capkv.harness.runner import SHARED_PROTOCOLS, check_protocol
 from capkv.models.loading import check_model_source
 from capkv.models.support import resolve_attn_implementation
 
@@ -322,6 +322,34 @@ def check_streaming(plain: dict[str, Any]) -> None:
         )
 
 
+def check_shared_context(plain: dict[str, Any]) -> None:
+    """``accumulate`` is true or false and asks for a shared-context protocol; a shared-context
+    protocol neither streams nor batches accumulating turns."""
+    accumulate = plain.get("accumulate", False)
+    if not isinstance(accumulate, bool):
+        raise ValueError(
+            f"accumulate={shown(accumulate)} is not true or false; pass accumulate=true or "
+            "accumulate=false."
+        )
+    shared = plain["protocol"] in SHARED_PROTOCOLS
+    if accumulate and not shared:
+        raise ValueError(
+            f"accumulate=true keeps each question and answer of a shared context in the cache, "
+            f"and protocol={plain['protocol']} asks one question per prompt; pass "
+            "protocol=shared_context (or shared_first_question), or drop accumulate=true."
+        )
+    if shared and (plain.get("chunk") is not None or plain.get("compress_every") is not None):
+        raise ValueError(
+            f"protocol={plain['protocol']} does not stream yet (its turns are cropped from a "
+            "cache compressed once); drop chunk= and compress_every=, or use protocol=context_only."
+        )
+    if accumulate and plain.get("decode_batch"):
+        raise ValueError(
+            "decode_batch=true cannot decode accumulating turns together (each cell's cache "
+            "grows with its own answers); drop decode_batch=true or accumulate=true."
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Refuse a composed run config with one sentence, before any model loads or row is written.
 
@@ -353,6 +381,7 @@ def check_config(cfg: DictConfig) -> None:
     if not isinstance(plain.get("protocol"), str):
         raise ValueError(f"protocol={shown(plain.get('protocol'))} is not a protocol name.")
     check_protocol(plain["protocol"])
+    check_shared_context(plain)
     variant = plain.get("variant")
     if not isinstance(variant, str | int) or isinstance(variant, bool) or "/" in str(variant):
         raise ValueError(
