@@ -106,6 +106,13 @@ class Task(Protocol):
 
     A task class also says how its scores are reported (:class:`Reporting`) from its config
     alone, so that results folders of any age can be tabled.
+
+    Optional: ``shares_contexts() -> bool``, whether some context of the task is asked several
+    questions, i.e. several examples carry the identical ``context`` text (yielded one after the
+    other, in asking order, where the task can). The ``shared_context`` protocols group the
+    examples by identical context, prefill and compress each once and ask its questions in turn;
+    :func:`shares_contexts` reads it (False for a task without the method), and
+    :data:`SHARED_CONTEXT_TASKS` lists the tasks that can.
     """
 
     name: str
@@ -158,11 +165,30 @@ class CappedTask:
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         return self.task.score(prediction, example)
 
+    def shares_contexts(self) -> bool:
+        """The capped task's answer (the cap may keep only some questions of a context)."""
+        return shares_contexts(self.task)
+
     @property
     def evaluate(self) -> Callable[..., Any]:
         """The task's own ``evaluate`` (a reading task, :func:`capkv.harness.runner.example_row`);
         AttributeError for a task that answers questions."""
         return self.task.evaluate
+
+
+# The tasks some of whose contexts are asked several questions, for the shared_context protocols'
+# refusal of a task that has none.
+SHARED_CONTEXT_TASKS = (
+    "task=needle with task.num_needles>1, task=ruler with task.num_questions>1 (its niah "
+    "subtasks), task=longbench or longbench_e (records sharing a context), task=custom"
+)
+
+
+def shares_contexts(task: Any) -> bool:
+    """Whether some context of ``task`` is asked several questions: its ``shares_contexts()``,
+    False where it has none (see :class:`Task`)."""
+    method = getattr(task, "shares_contexts", None)
+    return bool(method()) if callable(method) else False
 
 
 def capped(task: Task, max_examples: int | None) -> Task:

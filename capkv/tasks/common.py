@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Callable
 from typing import Any
 
 from capkv.tasks.base import Example
@@ -47,6 +48,14 @@ def magic_key(rng: random.Random) -> str:
 def magic_number(rng: random.Random, num_digits: int = 7) -> str:
     """A random number of exactly ``num_digits`` digits (RULER's needle values have 7)."""
     return str(rng.randint(10 ** (num_digits - 1), 10**num_digits - 1))
+
+
+def distinct(draw: Callable[[], str], count: int) -> list[str]:
+    """``count`` distinct results of ``draw()``, in the order first drawn."""
+    items: dict[str, None] = {}
+    while len(items) < count:
+        items[draw()] = None
+    return list(items)
 
 
 def normalize_text(text: str) -> str:

@@ -6,6 +6,10 @@ as a heatmap (x = length, y = depth). The default needle is RULER's (Hsieh et al
 2404.06654): a 7-digit "special magic number" for a random key, scored by string match, plus a
 graded score (edit similarity of the digits) because small models under eviction drop single
 digits long before they lose the needle (docs/methods.md, "Tasks and their prompts").
+
+With ``num_needles`` k > 1, each cell's context hides k magic-number needles with distinct keys,
+as RULER's multi-key NIAH does, and each is asked in turn: k examples share one context, which the
+``shared_context`` protocols prefill and compress once.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from capkv.tasks.base import Example, Reporting
 from capkv.tasks.common import (
     MAGIC_NUMBER_INTRO,
     check_prompt_fits,
+    distinct,
     magic_key,
     magic_number,
     normalize_text,
@@ -48,6 +53,8 @@ NEEDLE_KINDS: dict[str, dict[str, str]] = {
     },
 }
 _DEFAULT_MAX_NEW_TOKENS = {"magic_number": 16, "san_francisco": 32}
+# Distinct adjective-noun keys magic_key can draw (40 adjectives x 40 nouns).
+MAX_NEEDLES = 1600
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -88,7 +95,8 @@ def rouge1_recall(prediction: str, reference: str) -> float:
 class NeedleTask:
     """Needle-in-a-haystack grid over Paul Graham's essays (Kamradt; needles as in RULER).
 
-    One example per (context length, depth) cell. The user prompt is
+    One example per (context length, depth) cell, or with ``num_needles`` k > 1 one context per
+    cell asked k questions (k examples). The user prompt is
     ``"<intro>\\n<essays with the needle>\\n\\n<question>"`` (RULER's NIAH template) with the answer
     prefix opening the assistant turn (docs/methods.md, "Tasks and their prompts").
 
@@ -110,6 +118,16 @@ class NeedleTask:
         precedes the essays on a line of its own; an empty intro leaves the essays alone.
     seed : int
         Seed of the per-cell keys and values.
+    num_needles : int
+        Needles hidden in each cell's context (k). With 1, one needle at the cell's depth, one
+        example per cell. With k > 1 (RULER's multi-key style: k distinct keys and values drawn
+        per cell from ``seed``), needle ``j`` sits at depth ``(d + j * 100 / k) mod 100`` (needle
+        0 at the cell's depth ``d``) and the cell yields k examples with the same context, one
+        per needle, in a seeded shuffled asking order (so that turn and depth are not
+        confounded), ids ``len{L}_depth{d}_key{j}``. The haystack is shortened by all k needles'
+        tokens, so the context stays about ``L`` tokens. Needs needles with keys: the
+        ``magic_number`` kind, and ``{key}`` in an overridden needle and question. The intro is
+        the kind's (one number asked per question, as NiahTask's multi-key intro).
     max_new_tokens : int, optional
         Greedy decoding length; 16 for magic numbers, 32 for the free-text needle by default.
     name : str
@@ -121,6 +139,9 @@ class NeedleTask:
     insensitive; normalised text for the free-text needle); ``graded`` is the edit similarity of
     the prediction's first number to the magic number, or ROUGE-1 recall of the answer's words
     for the free-text needle.
+    The metadata of every example holds ``context_length``, ``depth`` (its own needle's) and
+    ``needle_value``; with k > 1 also ``context_depth`` (the cell's depth), ``num_needles`` and
+    ``needle_index``.
     """
 
     context_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 3072, 4096, 5120, 6144])
@@ -133,6 +154,7 @@ class NeedleTask:
     answer_prefix: str | None = None
     seed: int = 42
     max_new_tokens: int | None = None
+    num_needles: int = 1
     name: str = "needle"
 
     def __post_init__(self) -> None:
@@ -153,16 +175,71 @@ class NeedleTask:
                 f"max_new_tokens must be a positive number of tokens, got {self.max_new_tokens}; "
                 "pass task.max_new_tokens=16, or null for the needle kind's default."
             )
+        self._check_num_needles()
+
+    def _check_num_needles(self) -> None:
+        """Refuse, in one line, a needle count that is not a positive integer, or several needles
+        that the question could not tell apart."""
+        count = self.num_needles
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(
+                f"task.num_needles={count!r} is not a number of needles of at least 1; pass "
+                "e.g. task.num_needles=4 (or 1 for one needle per context)."
+            )
+        if count == 1:
+            return
+        if count > MAX_NEEDLES:
+            raise ValueError(
+                f"task.num_needles={count} exceeds the {MAX_NEEDLES} distinct keys the needles "
+                f"can have; pass task.num_needles of at most {MAX_NEEDLES}."
+            )
+        if self.needle_kind == "san_francisco":
+            raise ValueError(
+                f"task.num_needles={count} needs needles with distinct keys, but "
+                "needle_kind=san_francisco hides one fixed needle; pass "
+                "task.needle_kind=magic_number or task.num_needles=1."
+            )
+        for part in ("needle", "question"):
+            override = getattr(self, part)
+            if override is not None and "{key}" not in override:
+                raise ValueError(
+                    f"task.{part}={override!r} has no {{key}}, so its {count} needles could not "
+                    f"be told apart; put {{key}} in task.{part} or pass task.num_needles=1."
+                )
+
+    def shares_contexts(self) -> bool:
+        """Whether a context is asked several questions (``num_needles`` > 1)."""
+        return self.num_needles > 1
 
     @classmethod
     def reporting(cls, config: Mapping[str, Any]) -> Reporting:
         """The needle benchmark (its per-example grid is tabled), headline ``exact``."""
         return Reporting("needle", HEADLINE)
 
-    def texts(self, context_length: int, depth: float) -> dict[str, str]:
-        """Intro, needle, question, answer and answer prefix of one cell, key and value filled in."""
+    def fills(self, context_length: int, depth: float) -> list[dict[str, str]]:
+        """The ``num_needles`` distinct keys and values of one cell, drawn from the seed."""
         rng = random.Random(f"{self.seed}:{context_length}:{depth}")
-        fill = {"key": magic_key(rng), "value": magic_number(rng)}
+        keys = distinct(lambda: magic_key(rng), self.num_needles)
+        values = distinct(lambda: magic_number(rng), self.num_needles)
+        return [{"key": key, "value": value} for key, value in zip(keys, values, strict=True)]
+
+    def needle_depths(self, depth: float) -> list[float]:
+        """Depth of each needle of a cell at ``depth``: needle ``j`` at ``(depth + j * 100 / k)
+        mod 100``, needle 0 at ``depth`` itself (100 included)."""
+        count = self.num_needles
+        return [depth] + [(depth + j * 100 / count) % 100 for j in range(1, count)]
+
+    def asking_order(self, context_length: int, depth: float) -> list[int]:
+        """The needle indices of a cell in the order they are asked: seeded, shuffled."""
+        order = list(range(self.num_needles))
+        if self.num_needles > 1:
+            random.Random(f"{self.seed}:{context_length}:{depth}:order").shuffle(order)
+        return order
+
+    def texts(self, context_length: int, depth: float, index: int = 0) -> dict[str, str]:
+        """Intro, needle, question, answer and answer prefix of needle ``index`` of one cell, its
+        key and value filled in."""
+        fill = self.fills(context_length, depth)[index]
         overrides = {
             "intro": self.intro,
             "needle": self.needle,
@@ -176,51 +253,82 @@ class NeedleTask:
         }
 
     def example(self, tokenizer: Any, context_length: int, depth: float) -> Example:
-        """The example of one (length, depth) cell."""
-        texts = self.texts(context_length, depth)
-        needle_tokens = len(tokenizer(" " + texts["needle"], add_special_tokens=False)["input_ids"])
-        haystack = build_haystack(tokenizer, max(context_length - needle_tokens, 0))
-        essays = insert_needles(tokenizer, haystack, [texts["needle"]], [depth])
-        return Example(
-            example_id=f"len{context_length}_depth{depth:g}",
-            context=f"{texts['intro']}\n{essays}" if texts["intro"] else essays,
-            question="\n\n" + texts["question"],
-            answers=[texts["answer"]],
-            max_new_tokens=self.max_new_tokens,
-            use_chat_template=True,
-            answer_prefix=texts["answer_prefix"],
-            metadata={
-                "context_length": context_length,
-                "depth": depth,
-                "needle_value": texts["answer"],
-            },
+        """The example of one (length, depth) cell (the first asked, with several needles)."""
+        return self.cell(tokenizer, context_length, depth)[0]
+
+    def cell(self, tokenizer: Any, context_length: int, depth: float) -> list[Example]:
+        """The examples of one (length, depth) cell, in asking order: one, or with k needles k
+        sharing one context."""
+        count = self.num_needles
+        texts = [self.texts(context_length, depth, j) for j in range(count)]
+        depths = self.needle_depths(depth)
+        needles = [part["needle"] for part in texts]
+        needle_tokens = sum(
+            len(tokenizer(" " + needle, add_special_tokens=False)["input_ids"])
+            for needle in needles
         )
+        haystack = build_haystack(tokenizer, max(context_length - needle_tokens, 0))
+        essays = insert_needles(tokenizer, haystack, needles, depths)
+        intro = texts[0]["intro"]
+        context = f"{intro}\n{essays}" if intro else essays
+        examples = []
+        for j in self.asking_order(context_length, depth):
+            metadata: dict[str, Any] = {
+                "context_length": context_length,
+                "depth": depths[j],
+                "needle_value": texts[j]["answer"],
+            }
+            example_id = f"len{context_length}_depth{depth:g}"
+            if count > 1:
+                metadata |= {"context_depth": depth, "num_needles": count, "needle_index": j}
+                example_id += f"_key{j}"
+            examples.append(
+                Example(
+                    example_id=example_id,
+                    context=context,
+                    question="\n\n" + texts[j]["question"],
+                    answers=[texts[j]["answer"]],
+                    max_new_tokens=self.max_new_tokens,
+                    use_chat_template=True,
+                    answer_prefix=texts[j]["answer_prefix"],
+                    metadata=metadata,
+                )
+            )
+        return examples
 
     def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
-        """Yield one example per (length, depth) cell, lengths outer.
+        """Yield the examples of each (length, depth) cell, lengths outer: one per cell, or with
+        k needles the cell's k examples consecutively, in their asking order.
 
         Raises
         ------
         ValueError
-            Before yielding anything, if some length cannot hold the intro and the needle, or
+            Before yielding anything, if some length cannot hold the intro and the needles, or
             its prompt does not fit ``max_prompt_tokens``.
         """
         for length in self.context_lengths:
             self.check_holds(tokenizer, length)
         examples = [
-            self.example(tokenizer, length, depth)
+            example
             for length in self.context_lengths
             for depth in self.depths
+            for example in self.cell(tokenizer, length, depth)
         ]
         for example in examples:
             check_prompt_fits(tokenizer, example, max_prompt_tokens)
         yield from examples
 
     def check_holds(self, tokenizer: Any, context_length: int) -> None:
-        """Refuse a context length that cannot hold the task's fixed parts (intro and needle),
+        """Refuse a context length that cannot hold the task's fixed parts (intro and needles),
         saying how many tokens they take: such a context would silently be longer than asked."""
-        texts = self.texts(context_length, self.depths[0] if self.depths else 0.0)
-        context = f"{texts['intro']}\n{texts['needle']}" if texts["intro"] else texts["needle"]
+        depth = self.depths[0] if self.depths else 0.0
+        every = [self.texts(context_length, depth, j) for j in range(self.num_needles)]
+        texts = every[0]
+        needles = " ".join(part["needle"] for part in every)
+        context = f"{texts['intro']}\n{needles}" if texts["intro"] else needles
+        what, fewer = "needle", ""
+        if self.num_needles > 1:
+            what, fewer = f"{self.num_needles} needles", " (or fewer task.num_needles)"
         fixed = len(tokenizer(context, add_special_tokens=False)["input_ids"])
         if context_length <= fixed:
             rest = Example(
@@ -235,9 +343,9 @@ class NeedleTask:
             around = prompt_tokens(tokenizer, rest)
             raise ValueError(
                 f"context length {context_length} cannot hold the needle task's fixed parts: its "
-                f"intro and needle take {fixed} tokens of the context (the question, answer "
+                f"intro and {what} take {fixed} tokens of the context (the question, answer "
                 f"prefix and chat template {around} more of the prompt); pass "
-                f"task.context_lengths=[...] of at least {fixed + 1} tokens."
+                f"task.context_lengths=[...] of at least {fixed + 1} tokens{fewer}."
             )
 
     def score(self, prediction: str, example: Example) -> dict[str, float]:

@@ -89,6 +89,10 @@ class PerplexityTask:
         """Perplexity, lower is better: the tables give it its own table."""
         return Reporting(BENCHMARK, HEADLINE)
 
+    def shares_contexts(self) -> bool:
+        """False: each text is read once, with no question."""
+        return False
+
     def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
         """The texts, ``length`` tokens each as the runner tokenises them (special tokens such
         as a BOS included); ``max_prompt_tokens`` is the model's position limit (a reading

@@ -156,6 +156,10 @@ class LongBench:
                     example.metadata["length_bucket"] = bucket_of(record, path, index)
                 yield example
 
+    def shares_contexts(self) -> bool:
+        """True: records may share a context (see :func:`file_examples`)."""
+        return True
+
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         """Official LongBench score of one prediction (see :func:`score_prediction`).
 
@@ -187,7 +191,16 @@ def file_examples(
     max_examples: int | None,
 ) -> Iterator[tuple[int, dict[str, Any], Example]]:
     """The examples of one JSONL file in LongBench's schema, with each record and its line index:
-    ``example_id`` is ``"<subtask>/<_id>"`` (the line index when ``_id`` is absent)."""
+    ``example_id`` is ``"<subtask>/<_id>"`` (the line index when ``_id`` is absent).
+
+    Records are yielded in file order. Records that share a context (narrativeqa asks several
+    questions of a story; a LongBench-E file may hold one context at several places) give
+    examples with the identical ``context`` text, hence identical context ids, wherever they
+    sit in the file, not necessarily one after the other: the ``shared_context`` protocols group
+    the examples by identical context over the whole task, in order of first appearance. A
+    prompt cut in the middle to the limit loses that: its context part ends with the kept tail,
+    which depends on the question's length, so such records are then asked apart.
+    """
     for index, record in enumerate(read_jsonl(path, max_examples)):
         example_id = f"{subtask}/{record.get('_id', index)}"
         yield (
@@ -338,6 +351,10 @@ class CustomJsonlTask:
         )
         for _, _, example in examples:
             yield example
+
+    def shares_contexts(self) -> bool:
+        """True: the file's records may share a context (see :func:`file_examples`)."""
+        return True
 
     def score(self, prediction: str, example: Example) -> dict[str, float]:
         """Best score of the chosen metric over the reference answers.

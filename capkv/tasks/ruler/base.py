@@ -20,10 +20,12 @@ from capkv.tasks.common import check_prompt_fits, prompt_limit
 # RULER's "repeat" haystack (niah_single_1) and the noise of its variable tracking.
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 HAYSTACKS = ("essay", "repeat")
+_PLAIN = {"add_special_tokens": False, "verbose": False}
 
 
 class Prompt(NamedTuple):
-    """The prompt parts and references of one example, before it gets its id."""
+    """The prompt parts and references of one example, before it gets its id; the prompts of
+    one context's several questions share ``context`` (:meth:`RulerTask.prompts`)."""
 
     context: str
     question: str
@@ -35,14 +37,6 @@ def string_match_all(prediction: str, references: list[str]) -> float:
     """RULER's ``string_match_all``: fraction of references contained in the prediction."""
     prediction = prediction.lower()
     return sum(reference.lower() in prediction for reference in references) / len(references)
-
-
-def distinct(draw: Callable[[], str], count: int) -> list[str]:
-    """``count`` distinct results of ``draw()``, in the order first drawn."""
-    items: dict[str, None] = {}
-    while len(items) < count:
-        items[draw()] = None
-    return list(items)
 
 
 def _largest_fitting(fits: Callable[[int], bool], guess: int) -> int:
@@ -116,12 +110,28 @@ class RulerTask:
         """One example with a haystack (or word list) of ``size`` units; per task."""
         raise NotImplementedError
 
+    def prompts(
+        self, tokenizer: Any, rng: random.Random, context_length: int, size: int
+    ) -> list[Prompt]:
+        """The prompts of one context, one per question asked of it, with the same ``context``
+        text: the one :meth:`prompt` unless a task asks several questions."""
+        return [self.prompt(tokenizer, rng, context_length, size)]
+
+    def _used_tokens(self, tokenizer: Any, parts: list[Prompt]) -> int:
+        """Tokens of the longest of the prompts (context, question and answer prefix, no chat
+        template): the one every question of the context must fit."""
+        return max(
+            len(tokenizer(f"{p.context}{p.question} {p.answer_prefix}", **_PLAIN)["input_ids"])
+            for p in parts
+        )
+
     def size_limit(self) -> int | None:
         """Largest usable size (e.g. the vocabulary), or None when unbounded."""
         return None
 
     def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
-        """Yield ``num_examples`` examples per context length, lengths outer.
+        """Yield ``num_examples`` contexts per context length, lengths outer: one example each,
+        or one per question (consecutively, in asking order) where a task asks several.
 
         Raises
         ------
@@ -133,25 +143,26 @@ class RulerTask:
         for length in self.context_lengths:
             size = length // 4
             for index in range(self.num_examples):
-                example, size = self._fit(tokenizer, length, index, size)
-                check_prompt_fits(tokenizer, example, max_prompt_tokens)
-                examples.append(example)
+                asked, size = self._fit(tokenizer, length, index, size)
+                for example in asked:
+                    check_prompt_fits(tokenizer, example, max_prompt_tokens)
+                examples += asked
         yield from examples
 
     def _fit(
         self, tokenizer: Any, context_length: int, index: int, guess: int
-    ) -> tuple[Example, int]:
-        """Example ``index`` at the largest size that fits ``context_length``, and that size."""
-        built: dict[int, Prompt] = {}
+    ) -> tuple[list[Example], int]:
+        """The examples of context ``index`` (one per question) at the largest size at which
+        every question's prompt fits ``context_length``, and that size."""
+        built: dict[int, list[Prompt]] = {}
         limit = self.size_limit()
 
         def fits(size: int) -> bool:
             if limit is not None and size > limit:
                 return False
             rng = random.Random(f"{self.seed}:{self.subtask}:{context_length}:{index}")
-            built[size] = parts = self.prompt(tokenizer, rng, context_length, size)
-            text = f"{parts.context}{parts.question} {parts.answer_prefix}"
-            used = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+            built[size] = parts = self.prompts(tokenizer, rng, context_length, size)
+            used = self._used_tokens(tokenizer, parts)
             return used <= prompt_limit(context_length, self.max_new_tokens)
 
         size = _largest_fitting(fits, guess)
@@ -163,18 +174,27 @@ class RulerTask:
                 f"the answer max_new_tokens={self.max_new_tokens} more; pass "
                 f"task.context_lengths=[...] of at least about {fixed + self.max_new_tokens + 1}."
             )
-        parts = built[size]
-        example = Example(
-            example_id=f"{self.subtask}_len{context_length}_{index:03d}",
-            context=parts.context,
-            question=parts.question,
-            answers=parts.answers,
-            max_new_tokens=self.max_new_tokens,
-            use_chat_template=True,
-            answer_prefix=parts.answer_prefix,
-            metadata={"subtask": self.subtask, "context_length": context_length},
-        )
-        return example, size
+        asked = built[size]
+        examples = []
+        for question, parts in enumerate(asked):
+            example_id = f"{self.subtask}_len{context_length}_{index:03d}"
+            metadata: dict[str, Any] = {"subtask": self.subtask, "context_length": context_length}
+            if len(asked) > 1:
+                example_id += f"_q{question}"
+                metadata |= {"num_questions": len(asked), "question_index": question}
+            examples.append(
+                Example(
+                    example_id=example_id,
+                    context=parts.context,
+                    question=parts.question,
+                    answers=parts.answers,
+                    max_new_tokens=self.max_new_tokens,
+                    use_chat_template=True,
+                    answer_prefix=parts.answer_prefix,
+                    metadata=metadata,
+                )
+            )
+        return examples, size
 
     def fixed_tokens(self, tokenizer: Any, context_length: int, index: int) -> int:
         """Tokens of example ``index``'s prompt at the smallest size (no haystack, or one unit
@@ -182,11 +202,10 @@ class RulerTask:
         for size in (0, 1):
             rng = random.Random(f"{self.seed}:{self.subtask}:{context_length}:{index}")
             try:
-                parts = self.prompt(tokenizer, rng, context_length, size)
+                parts = self.prompts(tokenizer, rng, context_length, size)
             except (ValueError, IndexError, ZeroDivisionError):
                 continue
-            text = f"{parts.context}{parts.question} {parts.answer_prefix}"
-            return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+            return self._used_tokens(tokenizer, parts)
         return 0
 
     def score(self, prediction: str, example: Example) -> dict[str, float]:

@@ -7,7 +7,8 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from capkv.tasks.ruler.base import Prompt, RulerTask, distinct
+from capkv.tasks.common import distinct
+from capkv.tasks.ruler.base import Prompt, RulerTask
 
 
 def _zeta(alpha: float, terms: int = 1000) -> float:

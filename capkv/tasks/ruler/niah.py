@@ -1,6 +1,8 @@
 """RULER's needle-in-a-haystack family: single, multi-key, multi-value and multi-query needles.
 
 One task, :class:`NiahTask`; its variants are configurations (``conf/task/ruler/niah_*.yaml``).
+With ``num_questions`` > 1 each context is asked several questions, each about keys not asked
+before (for the ``shared_context`` protocols, which prefill and compress a context once).
 """
 
 from __future__ import annotations
@@ -9,9 +11,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from capkv.tasks.common import MAGIC_NUMBER_INTRO, magic_key, magic_number
+from capkv.tasks.common import MAGIC_NUMBER_INTRO, distinct, magic_key, magic_number
 from capkv.tasks.haystack import build_haystack, insert_needles
-from capkv.tasks.ruler.base import NOISE, Prompt, RulerTask, distinct
+from capkv.tasks.ruler.base import NOISE, Prompt, RulerTask
 
 # RULER samples each needle's depth from 40 evenly spaced depths.
 NEEDLE_DEPTHS = tuple(round(100 * i / 39) for i in range(40))
@@ -57,18 +59,52 @@ class NiahTask(RulerTask):
         Keys asked for at once (``num_needle_q``; at least that many keys are hidden).
     haystack : str
         ``"essay"``: Paul Graham's essays; ``"repeat"``: RULER's repeated noise sentences.
+    num_questions : int
+        Questions asked of each context, each about ``num_queries`` keys not asked before; the
+        context then hides ``max(num_keys, num_questions * num_queries)`` keys (niah_multikey's
+        4 keys are each asked in turn with 4 questions). With 1, RULER's one question (ids
+        ``{subtask}_len{L}_{index:03d}``); otherwise the context's examples follow each other
+        with ids ``..._q{j}`` and ``num_questions`` and ``question_index`` in their metadata, and
+        the context is sized so that its longest question fits.
     """
 
     num_keys: int = 1
     num_values: int = 1
     num_queries: int = 1
     haystack: str = "essay"
+    num_questions: int = 1
     subtask: str = "niah_single"
     family: str = "NIAH"
     name: str = "ruler_niah_single"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_num_questions(self.num_questions)
+        needles = self.hidden_keys() * self.num_values
+        if needles > len(NEEDLE_DEPTHS):
+            raise ValueError(
+                f"RULER {self.subtask} would hide {needles} needles (keys x values) but places "
+                f"them at {len(NEEDLE_DEPTHS)} distinct depths; pass fewer task.num_questions "
+                "(or num_keys, num_queries, num_values)."
+            )
+
+    def hidden_keys(self) -> int:
+        """Keys hidden in each context: enough for every question to ask new ones."""
+        return max(self.num_keys, self.num_questions * self.num_queries)
+
+    def shares_contexts(self) -> bool:
+        """Whether a context is asked several questions (``num_questions`` > 1)."""
+        return self.num_questions > 1
+
     def prompt(self, tokenizer: Any, rng: random.Random, context_length: int, size: int) -> Prompt:
-        keys = distinct(lambda: magic_key(rng), max(self.num_keys, self.num_queries))
+        """The context's first question (its only one, by default)."""
+        return self.prompts(tokenizer, rng, context_length, size)[0]
+
+    def prompts(
+        self, tokenizer: Any, rng: random.Random, context_length: int, size: int
+    ) -> list[Prompt]:
+        """One context and its ``num_questions`` questions, each about keys not asked before."""
+        keys = distinct(lambda: magic_key(rng), self.hidden_keys())
         numbers = distinct(lambda: magic_number(rng), len(keys) * self.num_values)
         values = [numbers[i :: len(keys)] for i in range(len(keys))]
         needles = [
@@ -78,15 +114,30 @@ class NiahTask(RulerTask):
         ]
         rng.shuffle(needles)
         depths = rng.sample(NEEDLE_DEPTHS, len(needles))
-        queried = rng.sample(range(len(keys)), self.num_queries)
+        asked = rng.sample(range(len(keys)), self.num_questions * self.num_queries)
         haystack = build_haystack(tokenizer, size, None if self.haystack == "essay" else NOISE)
         body = insert_needles(tokenizer, haystack, needles, depths)
-        query = _join_keys([keys[i] for i in queried])
         intro, question, prefix = NIAH_TEXTS[self.num_queries * self.num_values == 1]
-        answers = [value for i in queried for value in values[i]]
-        return Prompt(
-            f"{intro}\n{body}",
-            f"\n{question.format(query=query)}",
-            prefix.format(query=query),
-            answers,
+        prompts = []
+        for start in range(0, len(asked), self.num_queries):
+            queried = asked[start : start + self.num_queries]
+            query = _join_keys([keys[i] for i in queried])
+            answers = [value for i in queried for value in values[i]]
+            prompts.append(
+                Prompt(
+                    f"{intro}\n{body}",
+                    f"\n{question.format(query=query)}",
+                    prefix.format(query=query),
+                    answers,
+                )
+            )
+        return prompts
+
+
+def check_num_questions(value: Any) -> None:
+    """Refuse, in one line, a ``num_questions`` that is not a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(
+            f"task.num_questions={value!r} is not a number of questions of at least 1; pass e.g. "
+            "task.num_questions=4 (or 1 for RULER's one question per context)."
         )

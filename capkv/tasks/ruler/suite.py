@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from capkv.tasks.base import Example, Reporting
 from capkv.tasks.ruler.base import RulerTask
+from capkv.tasks.ruler.niah import check_num_questions
 
 VARIANTS_DIR = Path(__file__).resolve().parents[3] / "conf" / "task" / "ruler"
 # The seven subtasks of the suite, in RULER's order (its families: NIAH, tracing, aggregation).
@@ -38,6 +39,17 @@ def variants() -> list[str]:
     return sorted(path.stem for path in VARIANTS_DIR.glob("*.yaml"))
 
 
+def variant_fields(subtask: str) -> set[str]:
+    """The settings the class of ``conf/task/ruler/<subtask>.yaml`` has (its dataclass fields)."""
+    config = OmegaConf.load(VARIANTS_DIR / f"{subtask}.yaml")
+    return {f.name for f in fields(get_class(config._target_))}
+
+
+def asking_subtasks() -> list[str]:
+    """The configured subtasks that can ask a context several questions (``num_questions``)."""
+    return [subtask for subtask in variants() if "num_questions" in variant_fields(subtask)]
+
+
 def ruler_variant(subtask: str, **settings: Any) -> RulerTask:
     """The RULER task of ``conf/task/ruler/<subtask>.yaml``, with ``settings`` (context lengths,
     examples, seed, haystack...) passed where its class has them.
@@ -51,7 +63,7 @@ def ruler_variant(subtask: str, **settings: Any) -> RulerTask:
     if not path.is_file():
         raise ValueError(f"unknown RULER subtasks {[subtask]}; choose from {variants()}")
     config = OmegaConf.load(path)
-    accepted = {f.name for f in fields(get_class(config._target_))}
+    accepted = variant_fields(subtask)
     chosen = {key: value for key, value in settings.items() if key in accepted}
     return instantiate(config, subtask=subtask, name=f"ruler_{subtask}", **chosen)
 
@@ -68,6 +80,10 @@ class RulerSuite:
         Passed to every subtask.
     haystack : str
         Passed to the subtasks that have one (NIAH and variable tracking).
+    num_questions : int
+        Questions asked of each context (:class:`~capkv.tasks.ruler.niah.NiahTask`), passed to
+        the subtasks that have it; more than 1 is refused with a subtask that has not (vt, cwe,
+        fwe).
     name : str
         Results directory name.
     """
@@ -77,6 +93,7 @@ class RulerSuite:
     num_examples: int = 20
     seed: int = 42
     haystack: str = "essay"
+    num_questions: int = 1
     name: str = "ruler"
     tasks: dict[str, RulerTask] = field(init=False, repr=False)
 
@@ -84,11 +101,21 @@ class RulerSuite:
         unknown = sorted(set(self.subtasks) - set(variants()))
         if unknown:
             raise ValueError(f"unknown RULER subtasks {unknown}; choose from {variants()}")
+        check_num_questions(self.num_questions)
+        asking = asking_subtasks()
+        unable = [subtask for subtask in self.subtasks if subtask not in asking]
+        if self.num_questions > 1 and unable:
+            raise ValueError(
+                f"task.num_questions={self.num_questions} asks a context several questions, "
+                f"which only RULER's {', '.join(asking)} can; drop {', '.join(unable)} from "
+                "task.subtasks or pass task.num_questions=1."
+            )
         shared = {
             "context_lengths": list(self.context_lengths),
             "num_examples": self.num_examples,
             "seed": self.seed,
             "haystack": self.haystack,
+            "num_questions": self.num_questions,
         }
         self.tasks = {subtask: ruler_variant(subtask, **shared) for subtask in self.subtasks}
 
@@ -98,6 +125,10 @@ class RulerSuite:
         subtasks = config.get("subtasks", SUBTASKS)
         families = {subtask: ruler_variant(subtask).family for subtask in subtasks}
         return Reporting("ruler", HEADLINE, families)
+
+    def shares_contexts(self) -> bool:
+        """Whether a context is asked several questions (``num_questions`` > 1)."""
+        return self.num_questions > 1
 
     def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
         """Every subtask's examples, in ``subtasks`` order, all checked before the first yield."""

@@ -7,8 +7,9 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+from capkv.tasks.common import distinct
 from capkv.tasks.haystack import build_haystack, insert_needles
-from capkv.tasks.ruler.base import NOISE, Prompt, RulerTask, distinct
+from capkv.tasks.ruler.base import NOISE, Prompt, RulerTask
 
 # Noise tokens of the solved variable-tracking example that precedes the task (RULER's one-shot).
 VT_DEMO_TOKENS = 128
