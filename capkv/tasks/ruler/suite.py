@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
@@ -57,7 +58,7 @@ def ruler_variant(subtask: str, **settings: Any) -> RulerTask:
     Raises
     ------
     ValueError
-        If no such file exists.
+        If no such file exists, or a setting is bad (the subtask's own message).
     """
     path = VARIANTS_DIR / f"{subtask}.yaml"
     if not path.is_file():
@@ -65,7 +66,12 @@ def ruler_variant(subtask: str, **settings: Any) -> RulerTask:
     config = OmegaConf.load(path)
     accepted = variant_fields(subtask)
     chosen = {key: value for key, value in settings.items() if key in accepted}
-    return instantiate(config, subtask=subtask, name=f"ruler_{subtask}", **chosen)
+    try:
+        return instantiate(config, subtask=subtask, name=f"ruler_{subtask}", **chosen)
+    except InstantiationException as error:  # a bad setting's own one line, not Hydra's wrapping
+        if isinstance(error.__cause__, ValueError):
+            raise error.__cause__ from None
+        raise
 
 
 @dataclass
