@@ -12,7 +12,7 @@ ORACLE_VENV := .venv-oracle
 ORACLE_TRANSFORMERS := transformers==4.56.2
 
 .PHONY: setup test lint format run figures tables reproduce reproduce-allocation \
-	reproduce-leaderboard reproduce-streaming bench clean
+	reproduce-leaderboard reproduce-streaming reproduce-shared bench clean
 
 setup: $(VENV)/.installed
 
@@ -87,6 +87,14 @@ reproduce-streaming: $(VENV)/.installed
 	$(BIN)/python scripts/long_generation.py
 	$(MAKE) tables figures
 
+# Compress once, ask many: each context compressed once, then asked its questions in turn (needle
+# with 4 keys, RULER multi-key/value/query with 4 questions), both compression settings, into
+# results/shared_context (turns.md, turns_paired.md and the score-by-turn figures).
+reproduce-shared: $(VENV)/.installed
+	$(BIN)/python run.py -m experiment=shared_needle protocol=shared_context,shared_first_question
+	$(BIN)/python run.py -m experiment=shared_ruler protocol=shared_context,shared_first_question
+	$(MAKE) tables figures
+
 # Every kvpress scorer press beside our methods. kvpress needs transformers<5.3, so the runs use
 # .venv-oracle (transformers 4.56); ObservedAttention needs eager attention (a second sweep).
 LEADERBOARD := results/kvpress_leaderboard
@@ -108,12 +116,15 @@ PLOTS ?= plots
 tables: $(VENV)/.installed
 	$(BIN)/python -m capkv.results $(RESULTS)
 	test ! -d $(RESULTS)/context_limit/runs || $(BIN)/python -m capkv.results $(RESULTS)/context_limit
+	test ! -d $(RESULTS)/shared_context/runs || $(BIN)/python -m capkv.results $(RESULTS)/shared_context
 
 # Plots from the tables alone (never rewrites results/; refuses tables older than the runs).
 figures: $(VENV)/.installed
 	$(BIN)/python -m capkv.figures --results $(RESULTS) --plots $(PLOTS)
 	test ! -d $(RESULTS)/context_limit/runs || \
 		$(BIN)/python -m capkv.figures --results $(RESULTS)/context_limit --plots $(PLOTS)/context_limit
+	test ! -d $(RESULTS)/shared_context/runs || \
+		$(BIN)/python -m capkv.figures --results $(RESULTS)/shared_context --plots $(PLOTS)/shared_context
 
 # Your results under outputs/results stay.
 clean:

@@ -20,6 +20,7 @@ from capkv.engine.hooks import library_versions
 from capkv.engine.method import EvictionMethod
 from capkv.engine.streaming import StreamSettings, check_streamable
 from capkv.harness.runner import (
+    SHARED_PROTOCOLS,
     Cell,
     CellBusy,
     busy_message,
@@ -33,7 +34,7 @@ from capkv.harness.validation import check_allocation, check_config
 from capkv.interop import press_class_name
 from capkv.results.store import identity_directory, run_identity
 from capkv.storage.locking import is_held
-from capkv.tasks.base import Task, capped
+from capkv.tasks.base import SHARED_CONTEXT_TASKS, Task, capped, shares_contexts
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SWEEP_KEYS = ("methods", "budgets", "ratios")
@@ -192,6 +193,12 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     model loads."""
     check_config(cfg)
     task = capped(instantiate(cfg.task), cfg.max_examples)
+    if cfg.protocol in SHARED_PROTOCOLS and not shares_contexts(task):
+        raise ValueError(
+            f"protocol={cfg.protocol} asks several questions of each context, and "
+            f"task={task.name} asks one per context; use a task with several: "
+            f"{SHARED_CONTEXT_TASKS}."
+        )
     cells = plan_cells(cfg, task.name)
     apart = unshared_prefill(sweep_mode(cfg), task, cells)
     decode_batch = cfg.get("decode_batch")
