@@ -176,6 +176,49 @@ BAD_INPUTS = [
         ["methods=[capkv,capkv_model]", "model.attn_implementation=flash_attention_2"],
         "attn_implementation=flash_attention_2 cannot mask each KV head's own kept tokens",
     ),
+    (
+        "shared context on a task of one question per context",
+        ["protocol=shared_context"],
+        "task=needle asks one per context; use a task with several: task=needle with "
+        "task.num_needles>1",
+    ),
+    (
+        "accumulate not boolean",
+        ["protocol=shared_context", "task.num_needles=2", "accumulate=maybe"],
+        "accumulate='maybe' is not true or false",
+    ),
+    (
+        "accumulate with one question per prompt",
+        ["accumulate=true"],
+        "accumulate=true keeps each question and answer of a shared context",
+    ),
+    (
+        "shared context while streaming",
+        ["protocol=shared_context", "task.num_needles=2", "chunk=128"],
+        "protocol=shared_context does not stream yet",
+    ),
+    (
+        "accumulating turns decoded together",
+        [
+            "protocol=shared_context",
+            "task.num_needles=2",
+            "accumulate=true",
+            "methods=[capkv,snapkv]",
+            "decode_batch=true",
+        ],
+        "decode_batch=true cannot decode accumulating turns together",
+    ),
+    ("no needles", ["task.num_needles=0"], "num_needles"),
+    (
+        "more needles than the context holds",
+        ["protocol=shared_context", "task.num_needles=40"],
+        "fewer task.num_needles",
+    ),
+    (
+        "several questions of a RULER task that asks one",
+        ["task=ruler", "task.subtasks=[vt]", "task.num_questions=2"],
+        "niah_multikey",
+    ),
 ]
 BAD_FILES = {
     "list.jsonl": [GOOD_RECORD, ["not", "an", "object"]],
