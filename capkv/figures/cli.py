@@ -11,9 +11,16 @@ from capkv.figures.allocation import draw_allocations
 from capkv.figures.canvas import Job, render_all
 from capkv.figures.capacity import capacity_jobs
 from capkv.figures.curves import curve_jobs
-from capkv.figures.data import interval_of, load_length_buckets, load_perplexity, load_tables
+from capkv.figures.data import (
+    interval_of,
+    load_length_buckets,
+    load_long_generation,
+    load_perplexity,
+    load_tables,
+)
 from capkv.figures.heatmaps import heatmap_grid_jobs, heatmap_jobs
 from capkv.figures.length_buckets import length_jobs
+from capkv.figures.long_generation import long_generation_jobs
 from capkv.figures.perplexity import perplexity_jobs
 from capkv.figures.tables import task_tables
 from capkv.harness.errors import one_line_errors
@@ -39,6 +46,7 @@ def draw_all(results_dir: str | Path, plots_dir: str | Path) -> list[Path]:
         jobs += [*curve_jobs(intervals, plots_dir), *capacity_jobs(scores, intervals, plots_dir)]
     jobs += [*perplexity_jobs(load_perplexity(results_dir), plots_dir)]
     jobs += [*length_jobs(load_length_buckets(results_dir), plots_dir)]
+    jobs += [*long_generation_jobs(load_long_generation(results_dir), plots_dir)]
     written = render_all(jobs) + draw_allocations(results_dir, plots_dir)
     return written + (task_tables(intervals, plots_dir) if not scores.empty else [])
 

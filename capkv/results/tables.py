@@ -1,6 +1,6 @@
 """Every run folder into tables: ``scores``, the main table (method x budget, with intervals),
-the needle rows, the intervals, the paired comparisons and perplexity, as CSV and Markdown
-(``python -m capkv.results [results]``).
+the needle rows, the intervals, the paired comparisons, perplexity and long generation, as CSV
+and Markdown (``python -m capkv.results [results]``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from capkv.results import comparisons, length_buckets, perplexity
+from capkv.results import comparisons, length_buckets, long_generation, perplexity
 from capkv.results.format import interval_markdown, markdown, with_identity_types
 from capkv.results.metrics import (
     DIAGNOSTICS,
@@ -30,7 +30,7 @@ from capkv.storage.locking import locked
 from capkv.tasks.base import Reporting
 
 # Tables written only where their kind of run is (perplexity, LongBench-E).
-OPTIONAL_TABLES = ("perplexity", length_buckets.TABLE)
+OPTIONAL_TABLES = ("perplexity", length_buckets.TABLE, long_generation.TABLE)
 
 
 def score_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
@@ -206,7 +206,8 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Write ``scores.csv/.md`` (every run), ``main_table.csv/.md`` (method x budget, headline
     score per task and task family), ``needle.csv`` and, where perplexity runs are,
     ``perplexity.csv/.md``, where LongBench-E runs are, ``longbench_e.csv/.md`` (scores per
-    length bucket) under ``results_dir``; return the frames.
+    length bucket) and where long-generation runs are, ``long_generation.csv/.md`` (each
+    continuation against the full cache's) under ``results_dir``; return the frames.
 
     The tables are a function of the run folders alone. One process rebuilds them at a time (a
     lock in the results folder), so concurrent runs never drop each other's cells; a cell
@@ -234,6 +235,7 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
             "paired": comparisons.paired_table(ranked),
             "perplexity": perplexity.perplexity_table(runs),
             length_buckets.TABLE: length_buckets.length_bucket_table(runs),
+            long_generation.TABLE: long_generation.comparison_table(runs),
         }
         incomplete = incomplete_cells(runs)
         note = "".join(f"\nIncomplete: {line}.\n" for line in incomplete)
@@ -244,6 +246,9 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
             "perplexity": perplexity.perplexity_markdown(frames["perplexity"]),
             length_buckets.TABLE: length_buckets.length_bucket_markdown(
                 frames[length_buckets.TABLE]
+            ),
+            long_generation.TABLE: long_generation.long_generation_markdown(
+                frames[long_generation.TABLE]
             ),
         }
         for name, frame in frames.items():
