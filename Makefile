@@ -40,7 +40,7 @@ $(ORACLE_VENV)/.installed: pyproject.toml Makefile
 ONCE := harness/test_cluster harness/test_hostile_input results/test_results harness/test_shards \
 	figures/test_figures results/test_uncertainty harness/test_experiments tasks/test_metrics \
 	engine/test_h2o_kernel test_docs test_layers interop/test_kvpress_input figures/test_leaderboard \
-	analysis/test_continuations tasks/test_longbench_reporting
+	analysis/test_continuations tasks/test_longbench_reporting results/test_long_generation
 test: $(VENV)/.installed $(ORACLE_VENV)/.installed
 	CAPKV_REQUIRE_TRITON=1 $(BIN)/pytest
 	CAPKV_REQUIRE_KVPRESS=1 $(ORACLE_VENV)/bin/pytest $(ONCE:%=--ignore=tests/%.py)
