@@ -40,7 +40,7 @@ $(ORACLE_VENV)/.installed: pyproject.toml Makefile
 ONCE := harness/test_cluster harness/test_hostile_input results/test_results harness/test_shards \
 	figures/test_figures results/test_uncertainty harness/test_experiments tasks/test_metrics \
 	engine/test_h2o_kernel test_docs test_layers interop/test_kvpress_input figures/test_leaderboard \
-	analysis/test_continuations tasks/test_longbench_reporting
+	analysis/test_continuations tasks/test_longbench_reporting results/test_long_generation
 test: $(VENV)/.installed $(ORACLE_VENV)/.installed
 	CAPKV_REQUIRE_TRITON=1 $(BIN)/pytest
 	CAPKV_REQUIRE_KVPRESS=1 $(ORACLE_VENV)/bin/pytest $(ONCE:%=--ignore=tests/%.py)
@@ -81,10 +81,12 @@ reproduce-allocation: $(VENV)/.installed
 	$(MAKE) tables figures
 
 # Eviction while the cache grows: long-text perplexity under a bounded cache, every method at
-# 256, 512 and 1024 tokens read 512 per forward, into results/ (perplexity.csv|md and its figure).
+# 256, 512 and 1024 tokens read 512 per forward, and long generation under a bound against the
+# full cache (one torch thread), into results/ (perplexity.csv|md, long_generation.csv|md and
+# their figures).
 reproduce-streaming: $(VENV)/.installed
 	$(BIN)/python run.py experiment=perplexity
-	$(BIN)/python scripts/long_generation.py
+	OMP_NUM_THREADS=1 $(BIN)/python run.py experiment=long_generation
 	$(MAKE) tables figures
 
 # Compress once, ask many: each context compressed once, then asked its questions in turn (needle
@@ -105,7 +107,6 @@ reproduce-leaderboard: $(VENV)/.installed $(ORACLE_VENV)/.installed
 	$(MAKE) tables figures RESULTS=$(LEADERBOARD) PLOTS=plots/kvpress_leaderboard
 	$(BIN)/python -m capkv.figures.leaderboard $(LEADERBOARD) plots/kvpress_leaderboard
 
-# Streaming eviction: long generation under a bound against the full cache (resumable).
 # The tables and plots of the committed reference results (what `make reproduce` and the
 # experiments write). Your own runs go to outputs/results (config.yaml's results_dir):
 # `make tables RESULTS=outputs/results`.

@@ -10,7 +10,7 @@ essays (by default as many as the model's positions allow with the new tokens af
   compression, then generation compressed every ``K`` (64) tokens (:mod:`capkv.engine.streaming`);
 
 each then generating ``--new-tokens`` (128) greedy tokens (no stop token), timed apart from the
-prefill (:func:`capkv.harness.long_generation.generate_bounded`). One untimed short pass comes first, so
+prefill (:func:`capkv.engine.bounded.generate_bounded`). One untimed short pass comes first, so
 that no row pays the process's first-call costs; ``--repeats R`` runs R rounds over all rows
 and takes medians. Times are the process's CPU time, which other processes on a shared machine
 do not inflate as they do wall time (with one torch thread, ``OMP_NUM_THREADS=1``, it equals the
@@ -43,9 +43,9 @@ from transformers import PreTrainedModel
 
 from baselines import H2O, Full, PyramidKV, RandomEviction, SnapKV, StreamingLLM
 from capkv import Budget, CapKV
+from capkv.engine.bounded import generate_bounded
 from capkv.engine.method import EvictionMethod
 from capkv.engine.streaming import StreamSettings
-from capkv.harness.long_generation import generate_bounded
 from capkv.models import load_model
 from capkv.tasks.haystack import build_haystack
 

@@ -13,7 +13,7 @@ from the tables :mod:`capkv.figures.data` reads and styled by :mod:`capkv.figure
 - :mod:`~capkv.figures.allocation`: CapKV's allocation per (layer, KV head) beside PyramidKV's
   schedule, from the table ``scripts/allocation_map.py`` writes under ``results/allocation/``;
 - :mod:`~capkv.figures.long_generation`: continuations under a bound against the full cache's,
-  by budget (drawn by ``scripts/long_generation.py``);
+  by budget, from ``long_generation.csv``;
 - :mod:`~capkv.figures.style`: each method's colour, marker and name, budget names and order;
 - :mod:`~capkv.figures.canvas`: figures on the Agg canvas, panel grids, parallel rendering;
 - :mod:`~capkv.figures.data`: reading the tables, refusing missing or stale ones;

@@ -2,9 +2,9 @@
 
 ``make tables`` (:func:`capkv.results.tables.aggregate`) builds ``scores.csv``, ``needle.csv``,
 ``intervals.csv`` (every headline with its bootstrap interval), ``perplexity.csv`` and
-``turns.csv`` from the run folders; drawing only reads them, after checking that they are what
-the run folders give now (a table older than a run's ``metrics.json`` stops the drawing with
-what to run).
+``long_generation.csv`` and ``turns.csv`` from the run folders; drawing only reads them, after
+checking that they are what the run folders give now (a table older than a run's
+``metrics.json`` stops the drawing with what to run).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from capkv.figures.style import is_full
-from capkv.results import length_buckets, turns
-from capkv.results.metrics import is_perplexity, load_metrics
+from capkv.results import length_buckets, long_generation, turns
+from capkv.results.metrics import is_long_generation, is_perplexity, load_metrics
 from capkv.results.store import IDENTITY_KEYS, RUN_KEYS, RUNS
 from capkv.results.tables import score_table
 from capkv.tasks.longbench.task import BENCHMARK_E
@@ -27,6 +27,7 @@ TABLES = (SCORES, NEEDLE, INTERVALS)
 PERPLEXITY = "perplexity.csv"  # folders with perplexity runs (capkv.results.perplexity) only
 LONGBENCH_E = f"{length_buckets.TABLE}.csv"  # folders with LongBench-E runs only
 TURNS = f"{turns.TABLE}.csv"  # folders with shared-context runs (capkv.results.turns) only
+LONG_GENERATION = f"{long_generation.TABLE}.csv"  # folders with long-generation runs only
 NEEDLE_COLUMNS = [*IDENTITY_KEYS, "context_length", "depth", "prompt_tokens"]
 
 
@@ -57,7 +58,11 @@ def check_fresh(results_dir: Path) -> None:
             f"{results_dir / missing[0]} is missing; build the tables from the run folders with "
             f"{rebuild_command(results_dir)}, then draw."
         )
-    optional = {PERPLEXITY: is_perplexity, LONGBENCH_E: lambda m: m.get("benchmark") == BENCHMARK_E}
+    optional = {
+        PERPLEXITY: is_perplexity,
+        LONGBENCH_E: lambda m: m.get("benchmark") == BENCHMARK_E,
+        LONG_GENERATION: is_long_generation,
+    }
     for name, holds in optional.items():
         if any(holds(m) for m in runs.values()) and not (results_dir / name).exists():
             raise ValueError(
@@ -125,6 +130,12 @@ def load_perplexity(results_dir: Path) -> pd.DataFrame:
     """``perplexity.csv`` of ``results_dir`` (empty where no run reads perplexity); call after
     :func:`load_tables`, which checks that it is there when it should be."""
     return read_csv(results_dir / PERPLEXITY)
+
+
+def load_long_generation(results_dir: Path) -> pd.DataFrame:
+    """``long_generation.csv`` of ``results_dir`` (empty where no run is of long generation);
+    call after :func:`load_tables`, which checks that it is there when it should be."""
+    return read_csv(results_dir / LONG_GENERATION)
 
 
 def interval_of(

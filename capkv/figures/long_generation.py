@@ -1,14 +1,24 @@
-"""Long generation under a bound: how closely each method's greedy continuation follows the full
-cache's, against the budget (from :func:`capkv.harness.long_generation.summary_table`)."""
+"""Long generation under a bound (``<model>_<task>_<protocol>_<chunk...>``): how closely each
+method's greedy continuation follows the full cache's, against the budget.
+
+From ``long_generation.csv`` (:func:`capkv.results.long_generation.comparison_table`), the mean
+over prompts (:func:`capkv.results.long_generation.summary_table`): one panel per measure
+(:data:`PANELS`), one line per method; the full cache (its own continuation: ROUGE-L 1, every
+token identical) dashed. One figure per model, task, protocol and streaming settings.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
-from capkv.figures.canvas import new_figure
-from capkv.figures.style import FULL, method_style
+from capkv.figures.canvas import Job, new_figure
+from capkv.figures.style import FULL, method_style, safe_name
+from capkv.results.long_generation import SETTINGS, settings_label, summary_table
 from capkv.results.order import method_sort_key
 
 PANELS = {
@@ -17,20 +27,43 @@ PANELS = {
 }
 
 
-def long_generation_figure(summary: pd.DataFrame, title: str) -> Figure:
+def own_variant(variant: str, stream_label: str) -> str:
+    """A run's variant without the streaming suffix every run of the figure shares."""
+    return variant.removesuffix(stream_label).removesuffix("-")
+
+
+def long_generation_figure(summary: pd.DataFrame, title: str, stream_label: str = "") -> Figure:
     """One panel per measure (:data:`PANELS`), the mean over prompts against the budget, one
-    line per method; the full cache (its own continuation: ROUGE-L 1, every token identical)
-    dashed. Identical tokens are drawn on a symmetric log scale (linear below 1), since they
-    range from none to every generated token."""
+    line per method (and variant); the full cache dashed. Identical tokens are drawn on a
+    symmetric log scale (linear below 1), since they range from none to every generated token.
+
+    Parameters
+    ----------
+    summary : pandas.DataFrame
+        :func:`capkv.results.long_generation.summary_table` of one model, task, protocol and
+        streaming settings.
+    title : str
+        The figure's title.
+    stream_label : str
+        The streaming suffix of the runs' variants (``chunk512-every64``), left out of labels.
+
+    Returns
+    -------
+    Figure
+        The figure.
+    """
     figure = new_figure(5.2 * len(PANELS) + 1.4, 4.2)
     axes = figure.subplots(1, len(PANELS))
     full = summary[summary["method"] == FULL]
-    methods = sorted(set(summary["method"]) - {FULL}, key=method_sort_key)
-    budgets = sorted({int(b) for b in summary["budget"].dropna()})
+    pairs = summary.loc[summary["method"] != FULL, ["method", "variant"]].drop_duplicates()
+    methods = sorted(pairs.itertuples(index=False, name=None), key=lambda p: method_sort_key(*p))
+    budgets = sorted({int(b) for b in summary["budget_tokens"].dropna()})
     for ax, (column, label) in zip(axes, PANELS.items(), strict=True):
-        for method in methods:
-            rows = summary[summary["method"] == method].sort_values("budget")
-            ax.plot(rows["budget"].astype(float), rows[column], **method_style(method))
+        for method, variant in methods:
+            rows = summary[(summary["method"] == method) & (summary["variant"] == variant)]
+            rows = rows.sort_values("budget_tokens")
+            style = method_style(method, own_variant(variant, stream_label))
+            ax.plot(rows["budget_tokens"].astype(float), rows[column], **style)
         if not full.empty:
             style = method_style(FULL)
             ax.axhline(full[column].iloc[0], **{**style, "linestyle": "--", "marker": None})
@@ -49,3 +82,24 @@ def long_generation_figure(summary: pd.DataFrame, title: str) -> Figure:
     figure.suptitle(title, fontsize=10)
     figure.subplots_adjust(left=0.07, right=0.86, bottom=0.14, top=0.86, wspace=0.25)
     return figure
+
+
+def long_generation_jobs(table: pd.DataFrame, plots_dir: Path) -> Iterator[Job]:
+    """One figure per (model, task, protocol, streaming settings) of ``long_generation.csv``."""
+    if table.empty:
+        return
+    summary = summary_table(table)
+    keys = ["model", "task", "protocol", *SETTINGS]
+    for key, rows in summary.groupby(keys, dropna=False, sort=True):
+        model, task, protocol = key[:3]
+        settings = dict(
+            zip(SETTINGS, (None if pd.isna(v) else int(v) for v in key[3:]), strict=True)
+        )
+        label = settings_label(settings)
+        title = (
+            f"{model} · {task} · {protocol}: {settings['new_tokens']}-token greedy continuations "
+            f"under a bound (chunk {settings['chunk']}, compressed every "
+            f"{settings['compress_every']} tokens), mean of {int(rows['prompts'].max())} prompt(s)"
+        )
+        stem = plots_dir / safe_name(model, task, protocol, label or "unbounded")
+        yield stem, long_generation_figure, (rows, title, label)

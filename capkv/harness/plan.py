@@ -183,6 +183,8 @@ def unshared_prefill(sweeping: bool, task: Any, cells: list[Cell]) -> str | None
             "its own reading"
         )
     if getattr(task, "evaluate", None) is not None:
+        if getattr(task, "generates", False):
+            return f"task={task.name} generates each cell's continuations on their own"
         return f"task={task.name} reads its texts and generates nothing"
     return None
 

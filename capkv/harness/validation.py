@@ -308,7 +308,8 @@ def check_streaming(plain: dict[str, Any]) -> None:
     check_count("chunk", plain.get("chunk"), example=512)
     check_count("compress_every", plain.get("compress_every"), example=64)
     streaming = plain.get("chunk") is not None or plain.get("compress_every") is not None
-    reads = hasattr(get_class(plain["task"]["_target_"]), "evaluate")  # generates nothing
+    task = get_class(plain["task"]["_target_"])
+    reads = hasattr(task, "evaluate") and not getattr(task, "generates", False)  # a reading task
     if reads and plain.get("compress_every") is not None:
         raise ValueError(
             f"compress_every={plain['compress_every']} bounds generation, and task="

@@ -18,7 +18,7 @@ from capkv.results.store import (
     stored_config,
 )
 from capkv.storage.files import write_atomically
-from capkv.tasks import perplexity
+from capkv.tasks import long_generation, perplexity
 from capkv.tasks.base import Reporting, task_reporting
 
 log = logging.getLogger(__name__)
@@ -203,11 +203,24 @@ def incomplete_cells(runs: dict[Path, dict[str, Any]]) -> list[str]:
 
 def ranked_runs(runs: dict[Path, dict[str, Any]]) -> dict[Path, dict[str, Any]]:
     """The runs whose scores are in [0, 1], higher is better: every run but those scored by
-    perplexity (lower is better, unbounded), which have a table of their own
-    (:func:`capkv.results.perplexity.perplexity_table`) instead of the main table, its average, the
-    intervals and the paired comparisons."""
+    perplexity (lower is better, unbounded) and those of long generation (compared with the
+    full cache's continuations), which have tables of their own
+    (:func:`capkv.results.perplexity.perplexity_table`,
+    :func:`capkv.results.long_generation.comparison_table`) instead of the main table, its
+    average, the intervals and the paired comparisons."""
 
-    return {path: m for path, m in runs.items() if not is_perplexity(m)}
+    return {path: m for path, m in runs.items() if not has_own_table(m)}
+
+
+def has_own_table(metrics: dict[str, Any]) -> bool:
+    """Whether a run's scores are tabled apart from the ranked tables (perplexity, long
+    generation)."""
+    return is_perplexity(metrics) or is_long_generation(metrics)
+
+
+def is_long_generation(metrics: dict[str, Any]) -> bool:
+    """Whether a run's ``metrics.json`` is of long generation (its task's reporting says so)."""
+    return metrics.get("benchmark") == long_generation.BENCHMARK
 
 
 def is_perplexity(metrics: dict[str, Any]) -> bool:

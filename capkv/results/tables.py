@@ -1,6 +1,6 @@
 """Every run folder into tables: ``scores``, the main table (method x budget, with intervals),
-the needle rows, the intervals, the paired comparisons, perplexity and scores by turn, as CSV
-and Markdown (``python -m capkv.results [results]``).
+the needle rows, the intervals, the paired comparisons, perplexity, long generation and
+scores by turn, as CSV and Markdown (``python -m capkv.results [results]``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from capkv.results import comparisons, length_buckets, perplexity, turns
+from capkv.results import comparisons, length_buckets, long_generation, perplexity, turns
 from capkv.results.format import interval_markdown, markdown, with_identity_types
 from capkv.results.metrics import (
     DIAGNOSTICS,
@@ -29,8 +29,15 @@ from capkv.storage.files import write_atomically
 from capkv.storage.locking import locked
 from capkv.tasks.base import Reporting
 
-# Tables written only where their kind of run is (perplexity, LongBench-E, shared context).
-OPTIONAL_TABLES = ("perplexity", length_buckets.TABLE, turns.TABLE, turns.PAIRED)
+# Tables written only where their kind of run is (perplexity, LongBench-E, long generation,
+# shared context).
+OPTIONAL_TABLES = (
+    "perplexity",
+    length_buckets.TABLE,
+    long_generation.TABLE,
+    turns.TABLE,
+    turns.PAIRED,
+)
 
 
 def score_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
@@ -206,9 +213,10 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     """Write ``scores.csv/.md`` (every run), ``main_table.csv/.md`` (method x budget, headline
     score per task and task family), ``needle.csv`` and, where perplexity runs are,
     ``perplexity.csv/.md``, where LongBench-E runs are, ``longbench_e.csv/.md`` (scores per
-    length bucket), where shared-context runs are, ``turns.csv/.md`` and ``turns_paired.csv/.md``
-    (scores by question index, :mod:`capkv.results.turns`) under ``results_dir``; return the
-    frames.
+    length bucket), where long-generation runs are, ``long_generation.csv/.md`` (each
+    continuation against the full cache's), where shared-context runs are, ``turns.csv/.md``
+    and ``turns_paired.csv/.md`` (scores by question index, :mod:`capkv.results.turns`) under
+    ``results_dir``; return the frames.
 
     The tables are a function of the run folders alone. One process rebuilds them at a time (a
     lock in the results folder), so concurrent runs never drop each other's cells; a cell
@@ -236,6 +244,7 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
             "paired": comparisons.paired_table(ranked),
             "perplexity": perplexity.perplexity_table(runs),
             length_buckets.TABLE: length_buckets.length_bucket_table(runs),
+            long_generation.TABLE: long_generation.comparison_table(runs),
         }
         frames[turns.TABLE], frames[turns.PAIRED] = turns.turn_tables(ranked)
         incomplete = incomplete_cells(runs)
@@ -250,6 +259,9 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
             ),
             turns.TABLE: turns.turn_markdown(frames[turns.TABLE]),
             turns.PAIRED: turns.paired_turn_markdown(frames[turns.PAIRED]),
+            long_generation.TABLE: long_generation.long_generation_markdown(
+                frames[long_generation.TABLE]
+            ),
         }
         for name, frame in frames.items():
             if name in OPTIONAL_TABLES and frame.empty:  # only where such runs are

@@ -119,6 +119,16 @@ BAD_INPUTS = [
         ["task=perplexity", "task.length=5000"],
         "task.length=5000 is longer than the model's 4096 positions",
     ),
+    (
+        "long generation of no tokens",
+        ["task=long_generation", "task.new_tokens=0"],
+        "task.new_tokens=0 is not a positive whole number",
+    ),
+    (
+        "long generation beyond the essays",
+        ["task=long_generation", "task.prompts=60"],
+        "essays hold at least 1536 tokens, so task.prompts=60 prompts cannot be made",
+    ),
     ("damaged config.yaml", ["method=capkv", "budget=64"], "config.yaml is not a valid config"),
     (
         "context too short for the needle",
