@@ -278,3 +278,27 @@ def test_an_interrupted_cell_resumes_the_questions_it_had_not_answered(tmp_path,
     resumed = finished_rows(folder)
     by_id = {row["example_id"]: without(row, ("seconds",)) for row in resumed}
     assert by_id == {row["example_id"]: without(row, ("seconds",)) for row in expected}
+
+
+def test_run_py_sweeps_and_multiruns_answer_as_context_only_does(tmp_path):
+    from tests.harness.test_run import run
+
+    tiny = ["model=tiny-random", "task.context_lengths=[400]", "task.depths=[0,100]"]
+    shared = [*tiny, "task.num_needles=2", "protocol=shared_context"]
+    for way in ("sweep", "multirun", "alone"):
+        (tmp_path / way).mkdir()
+    run(tmp_path / "sweep", *shared, "methods=[capkv,snapkv,full]", "budgets=[64]")
+    run(tmp_path / "multirun", "-m", *shared, "method=capkv,snapkv", "budget=64")
+    alone = [*tiny, "task.num_needles=2", "protocol=context_only", "budgets=[64]"]
+    run(tmp_path / "alone", *alone, "methods=[capkv,snapkv]")
+
+    def rows(way: str, method: str, protocol: str) -> list[dict[str, Any]]:
+        folder = tmp_path / way / "results" / "runs" / "tiny-random" / "needle" / method
+        return finished_rows(folder / "budget64" / protocol)
+
+    for method in ("capkv", "snapkv"):
+        expected = [without(row) for row in rows("alone", method, "context_only")]
+        assert len(expected) == 4
+        for way in ("sweep", "multirun"):
+            assert [without(row) for row in rows(way, method, "shared_context")] == expected, way
+    assert (tmp_path / "sweep" / "results" / "turns.md").is_file()

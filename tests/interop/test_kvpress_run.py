@@ -59,3 +59,31 @@ def test_press_settings_it_does_not_accept_are_refused(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = error_lines(result)
     assert "SnapKVPress has no setting 'window'; its settings are: window_size, kernel_size" in line
+
+
+@requires_kvpress
+def test_presses_answer_each_shared_question_as_its_own_context_only_prompt(tmp_path):
+    """A shared-context sweep mixing presses and our methods: each question answered from the
+    context compressed once equals the same question prefilled on its own (context_only)."""
+    sweep = [
+        "model=tiny-random",
+        "task.context_lengths=[400]",
+        "task.depths=[0,100]",
+        "task.num_needles=2",
+        "methods=[kvpress-tova,kvpress-knorm,snapkv]",
+        "budgets=[64]",
+        "ratios=[0.5]",
+    ]
+    run(tmp_path, *sweep, "protocol=shared_context")
+    run(tmp_path, *sweep, "protocol=context_only")
+    results = tmp_path / "results"
+    turn_fields = ("seconds", "turn", "turns", "context")
+    for method in ("kvpress-tova", "kvpress-knorm", "snapkv"):
+        for budget in ("budget64", "ratio0.5"):
+            shared = rows_of(results, method, budget, "shared_context")
+            alone = rows_of(results, method, budget, "context_only")
+            assert len(shared) == len(alone) == 4
+            assert [r["turn"] for r in shared] == [1, 2, 1, 2]
+            assert [{k: v for k, v in r.items() if k not in turn_fields} for r in shared] == [
+                {k: v for k, v in r.items() if k != "seconds"} for r in alone
+            ]
