@@ -12,7 +12,8 @@ task's examples that share a context (identical token ids before the question) f
   length), so each answer sees exactly what ``context_only`` would give it;
 - ``shared_first_question``: the prefill holds the context and the first question (query-aware
   for turn 1, as a chat's first turn is); the first answer follows from the prefill, and every
-  later question is fed after that compressed prompt.
+  later question is fed after that compressed prompt as the next user turn of the chat template
+  (the first assistant turn, which holds only its answer prefix, closed first), then cropped off.
 
 With ``accumulate`` (the multi-turn variant) nothing is cropped: each answer stays in the cache,
 and the next question follows it as a new user turn of the model's chat template
@@ -215,14 +216,12 @@ def answer_turns(
     position = group.base_position(protocol)
     previous: list[int] | None = None  # the last answer, when it stays in the cache
     turns = {}
-    for index, (example, prompt) in enumerate(group.questions):
+    for index, (example, _) in enumerate(group.questions):
         if not accumulate and example.example_id in skip:
             continue
         start_time = time.perf_counter()
-        if index == 0 and protocol == "shared_first_question":
-            start, fed = prompt.length, {"next_token_logits": last_logits}
-        elif previous is None:
-            start, fed = position, {"input_ids": prompt.question_ids}
+        if previous is None:
+            start, fed = turn_input(tokenizer, group, index, protocol, last_logits)
         else:
             start, fed = position, {"input_ids": after_answer(previous, stops, tokenizer, example)}
         tokens = greedy_generate(model, cache, start, example.max_new_tokens, stops, **fed)
@@ -234,6 +233,23 @@ def answer_turns(
             crop_layers(cache, compressed)
         turns[index] = Turn(tokens, time.perf_counter() - start_time)
     return turns
+
+
+def turn_input(
+    tokenizer: Any, group: ContextGroup, index: int, protocol: str, last_logits: torch.Tensor
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """Where question ``index`` starts from the compressed cache and what it starts from, as
+    keyword arguments of the greedy decoders: the prefill's last logits (the first question of
+    ``shared_first_question``, inside the prefill); its question tokens after the context
+    (``shared_context``, what ``context_only`` feeds); or, after the compressed first question,
+    its question as the next user turn (:func:`followup_ids`: the first assistant turn, its
+    answer prefix alone, closed by the template's end of turn)."""
+    example, prompt = group.questions[index]
+    if protocol == "shared_context":
+        return group.base_position(protocol), {"input_ids": prompt.question_ids}
+    if index == 0:
+        return prompt.length, {"next_token_logits": last_logits}
+    return group.base_position(protocol), {"input_ids": followup_ids(tokenizer, example)}
 
 
 def after_answer(
@@ -258,12 +274,9 @@ def answer_turns_together(
     which leaves the caches as they were)."""
     stops = stop_token_ids(model, tokenizer)
     answers: list[dict[int, Turn]] = [{} for _ in caches]
-    for index, (example, prompt) in enumerate(group.questions):
+    for index, (example, _) in enumerate(group.questions):
         start_time = time.perf_counter()
-        if index == 0 and protocol == "shared_first_question":
-            start, fed = prompt.length, {"next_token_logits": last_logits}
-        else:
-            start, fed = group.base_position(protocol), {"input_ids": prompt.question_ids}
+        start, fed = turn_input(tokenizer, group, index, protocol, last_logits)
         generated = batched_greedy_generate(
             model, caches, start, example.max_new_tokens, stops, **fed
         )

@@ -146,12 +146,13 @@ def test_each_cropped_turn_equals_a_fresh_decode_from_the_compressed_cache(
             assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
         for index, (example, prompt) in enumerate(group.questions):
             fresh = copy.deepcopy(compressed)
-            if index == 0 and protocol == "shared_first_question":
-                fed = {"next_token_logits": last_logits}
-                start = prompt.length
-            else:
-                fed = {"input_ids": prompt.question_ids}
-                start = group.base_position(protocol)
+            start = group.base_position(protocol)
+            if protocol == "shared_context":
+                fed = {"input_ids": prompt.question_ids}  # what context_only feeds
+            elif index == 0:
+                fed, start = {"next_token_logits": last_logits}, prompt.length
+            else:  # the next user turn after the compressed first question
+                fed = {"input_ids": followup_ids(tokenizer, example)}
             expected = greedy_generate(model, fresh, start, example.max_new_tokens, stops, **fed)
             assert turns[index].tokens == expected, (protocol, index)
 
