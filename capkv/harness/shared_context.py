@@ -11,9 +11,9 @@ task's examples that share a context (identical token ids before the question) f
   compressed cache, answered greedily, and cropped off again (every layer back to its compressed
   length), so each answer sees exactly what ``context_only`` would give it;
 - ``shared_first_question``: the prefill holds the context and the first question (query-aware
-  for turn 1, as a chat's first turn is); the first answer follows from the prefill, and every
-  later question is fed after that compressed prompt as the next user turn of the chat template
-  (the first assistant turn, which holds only its answer prefix, closed first), then cropped off.
+  for turn 1, as a chat's first turn is); the first answer follows from the prefill and stays,
+  and every later question is fed after that first turn as the next user turn of the chat
+  template (:func:`followup_ids`), then cropped off again.
 
 With ``accumulate`` (the multi-turn variant) nothing is cropped: each answer stays in the cache,
 and the next question follows it as a new user turn of the model's chat template
@@ -206,50 +206,40 @@ def answer_turns(
     """Answer the questions of ``group`` one after another from ``cache``, the compressed
     prefill of :meth:`ContextGroup.compressed_ids`, whose last logits are ``last_logits``.
 
-    Without ``accumulate`` each question starts from the compressed cache (what a question added
-    is cropped off after its answer) and the questions in ``skip`` (already answered) are left
-    out; with it every turn stays, and every question is answered (each depends on the earlier
-    answers). Returns each answered question's :class:`Turn` by its index in the group.
+    Without ``accumulate`` each question starts from the same cache (what a question added is
+    cropped off after its answer) and the questions in ``skip`` (already answered) are left out:
+    the compressed context (``shared_context``), or the compressed first question with its
+    answer (``shared_first_question``: turn 1 is a whole chat turn, always answered, and every
+    later question follows it as the next user turn). With ``accumulate`` every turn stays, and
+    every question is answered (each depends on the earlier answers). Returns each answered
+    question's :class:`Turn` by its index in the group.
     """
     stops = stop_token_ids(model, tokenizer)
-    compressed = layer_lengths(cache)
+    base = layer_lengths(cache)  # what each question is cropped back to
     position = group.base_position(protocol)
-    previous: list[int] | None = None  # the last answer, when it stays in the cache
+    previous: list[int] | None = None  # the last answer kept in the cache
     turns = {}
-    for index, (example, _) in enumerate(group.questions):
-        if not accumulate and example.example_id in skip:
+    for index, (example, prompt) in enumerate(group.questions):
+        first_kept = index == 0 and protocol == "shared_first_question"
+        if not (accumulate or first_kept) and example.example_id in skip:
             continue
         start_time = time.perf_counter()
-        if previous is None:
-            start, fed = turn_input(tokenizer, group, index, protocol, last_logits)
+        if first_kept:
+            start, fed = prompt.length, {"next_token_logits": last_logits}
+        elif previous is None:
+            start, fed = position, {"input_ids": prompt.question_ids}
         else:
             start, fed = position, {"input_ids": after_answer(previous, stops, tokenizer, example)}
         tokens = greedy_generate(model, cache, start, example.max_new_tokens, stops, **fed)
-        if accumulate:
+        if accumulate or first_kept:
             fed_length = fed["input_ids"].shape[1] if "input_ids" in fed else 0
             position = start + fed_length + len(tokens) - 1  # the last token is not yet cached
             previous = tokens
+            base = layer_lengths(cache)
         else:
-            crop_layers(cache, compressed)
+            crop_layers(cache, base)
         turns[index] = Turn(tokens, time.perf_counter() - start_time)
     return turns
-
-
-def turn_input(
-    tokenizer: Any, group: ContextGroup, index: int, protocol: str, last_logits: torch.Tensor
-) -> tuple[int, dict[str, torch.Tensor]]:
-    """Where question ``index`` starts from the compressed cache and what it starts from, as
-    keyword arguments of the greedy decoders: the prefill's last logits (the first question of
-    ``shared_first_question``, inside the prefill); its question tokens after the context
-    (``shared_context``, what ``context_only`` feeds); or, after the compressed first question,
-    its question as the next user turn (:func:`followup_ids`: the first assistant turn, its
-    answer prefix alone, closed by the template's end of turn)."""
-    example, prompt = group.questions[index]
-    if protocol == "shared_context":
-        return group.base_position(protocol), {"input_ids": prompt.question_ids}
-    if index == 0:
-        return prompt.length, {"next_token_logits": last_logits}
-    return group.base_position(protocol), {"input_ids": followup_ids(tokenizer, example)}
 
 
 def after_answer(
@@ -269,14 +259,15 @@ def answer_turns_together(
     protocol: str,
     last_logits: torch.Tensor,
 ) -> list[dict[int, Turn]]:
-    """:func:`answer_turns` without ``accumulate`` for several caches of one context at once,
+    """:func:`answer_turns` of ``shared_context`` without ``accumulate`` for several caches of
+    one context at once,
     each question as one padded batch (:func:`capkv.engine.decoding.batched_greedy_generate`,
     which leaves the caches as they were)."""
     stops = stop_token_ids(model, tokenizer)
     answers: list[dict[int, Turn]] = [{} for _ in caches]
-    for index, (example, _) in enumerate(group.questions):
+    for index, (example, prompt) in enumerate(group.questions):
         start_time = time.perf_counter()
-        start, fed = turn_input(tokenizer, group, index, protocol, last_logits)
+        start, fed = group.base_position("shared_context"), {"input_ids": prompt.question_ids}
         generated = batched_greedy_generate(
             model, caches, start, example.max_new_tokens, stops, **fed
         )
@@ -366,7 +357,9 @@ def run_shared_sweep(
     the context's questions from it (decoded together with ``decode_batch``, where nothing
     accumulates). With ``diagnostics`` each row holds the capacity and attention error of its
     cell's kept set, measured at the context's first question."""
+    # Together only where every cache answers from the same point (not after its own answers).
     batched = uses_batched_decoding(model, decode_batch) and not accumulate
+    batched = batched and protocol == "shared_context"
     (shard,) = {cell.log.shard for cell in cells}
     plan = shared_plan(model, tokenizer, task, shard, accumulate)
     try:

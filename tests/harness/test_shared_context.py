@@ -142,18 +142,29 @@ def test_each_cropped_turn_equals_a_fresh_decode_from_the_compressed_cache(
             last_logits = prefill(model, group.compressed_ids(protocol), cache)
             compressed = copy.deepcopy(cache)
             turns = answer_turns(model, tokenizer, cache, group, protocol, last_logits)
+        start = group.base_position(protocol)
+        if protocol == "shared_first_question":  # turn 1 is a whole chat turn, kept
+            example, prompt = group.questions[0]
+            first = greedy_generate(
+                model, compressed, prompt.length, example.max_new_tokens, stops,
+                next_token_logits=last_logits,
+            )  # fmt: skip
+            assert turns[0].tokens == first
+            start = prompt.length + len(first) - 1
         for mine, theirs in zip(cache.layers, compressed.layers, strict=True):
             assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
         for index, (example, prompt) in enumerate(group.questions):
+            if protocol == "shared_first_question" and index == 0:
+                continue
             fresh = copy.deepcopy(compressed)
-            start = group.base_position(protocol)
             if protocol == "shared_context":
-                fed = {"input_ids": prompt.question_ids}  # what context_only feeds
-            elif index == 0:
-                fed, start = {"next_token_logits": last_logits}, prompt.length
-            else:  # the next user turn after the compressed first question
-                fed = {"input_ids": followup_ids(tokenizer, example)}
-            expected = greedy_generate(model, fresh, start, example.max_new_tokens, stops, **fed)
+                fed = prompt.question_ids  # what context_only feeds
+            else:  # the first answer's last token, then the next user turn
+                last = [] if first[-1] in stops else first[-1:]
+                fed = torch.cat([torch.tensor([last]), followup_ids(tokenizer, example)], dim=1)
+            expected = greedy_generate(
+                model, fresh, start, example.max_new_tokens, stops, input_ids=fed
+            )
             assert turns[index].tokens == expected, (protocol, index)
 
 
