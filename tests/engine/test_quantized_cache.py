@@ -98,7 +98,9 @@ def test_every_method_keeps_its_tokens_and_the_cache_stays_within_the_backends_b
         else:
             assert torch.equal(getattr(layer, HEAD_MASK), mask)
         assert layer.keys.numel() == 0  # the residual starts empty: all of it is quantized
-        for restored, exact in zip(dequantized(layer), (original.keys, original.values)):
+        for restored, exact in zip(
+            dequantized(layer), (original.keys, original.values), strict=True
+        ):
             assert restored.shape == exact.shape
             error = (restored - exact).abs().amax()
             assert error <= bound_of(settings) * exact.abs().amax() + 1e-6
