@@ -170,3 +170,9 @@ def test_an_unknown_backend_is_refused_in_one_sentence():
         CacheQuantization("int3").check()
     with pytest.raises(ValueError, match="cache.nbits=3 is not offered"):
         CacheQuantization("quanto", nbits=3).check()
+
+
+def test_a_backend_not_installed_is_refused_naming_its_extra(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    with pytest.raises(ValueError, match=r"pip install -e '\.\[hqq\]'"):
+        CacheQuantization("hqq").check()
