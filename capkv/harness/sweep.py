@@ -38,6 +38,7 @@ from capkv.harness.runner import (
     prefill_ids,
     prepared_examples,
     result_row,
+    stored,
 )
 from capkv.tasks.base import Task
 from capkv.tasks.prompting import PromptIds
@@ -127,8 +128,10 @@ def run_sweep(
     by default); only its examples run, each for every cell.
     """
     check_protocol(protocol)
-    batched = uses_batched_decoding(model, decode_batch)
     (shard,) = {cell.log.shard for cell in cells}
+    (quantization,) = {repr(cell.quantization): cell.quantization for cell in cells}.values()
+    # A batch pads full-precision caches together; quantized ones decode one by one.
+    batched = uses_batched_decoding(model, decode_batch) and not quantization.active
     plan = prepared_examples(model, tokenizer, task, shard)
     try:
         for cell in cells:
@@ -157,7 +160,10 @@ def run_sweep(
             groups = decoding_groups(records) if batched else [[i] for i in range(len(pending))]
             for group in groups:
                 start = time.perf_counter()
-                caches = [gathered_cache(full_cache, records[i]) for i in group]
+                caches = [
+                    stored(gathered_cache(full_cache, records[i]), records[i], quantization)
+                    for i in group
+                ]
                 predictions = decode(
                     model,
                     tokenizer,

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from capkv.engine.decoding import check_head_masking
 from capkv.engine.method import EvictionMethod
+from capkv.engine.quantization import CacheQuantization
 from capkv.harness.runner import SHARED_PROTOCOLS, check_protocol
 from capkv.models.loading import check_model_source
 from capkv.models.support import resolve_attn_implementation
@@ -351,6 +352,38 @@ def check_shared_context(plain: dict[str, Any]) -> None:
         )
 
 
+def check_quantization(plain: dict[str, Any]) -> None:
+    """The ``cache:`` section names an installed backend with settings it takes, and a
+    quantized cache is asked only where it is decoded from once: not streamed, not cropped
+    between questions, not padded into a batch."""
+    node = plain.get("cache")
+    if node is None:
+        return
+    check_against_target("cache", node)
+    settings = CacheQuantization(**{k: v for k, v in node.items() if not k.startswith("_")})
+    settings.check()
+    if not settings.active:
+        return
+    backend = f"cache.quantization={settings.quantization}"
+    if plain.get("chunk") is not None or plain.get("compress_every") is not None:
+        raise ValueError(
+            f"{backend} stores a cache compressed once, and streaming (chunk= or "
+            "compress_every=) compresses it again as it grows; drop the streaming keys or "
+            "cache.quantization."
+        )
+    if plain.get("protocol") in SHARED_PROTOCOLS:
+        raise ValueError(
+            f"{backend} cannot crop each question off a quantized cache, which "
+            f"protocol={plain['protocol']} needs; use protocol=query_aware or context_only, or "
+            "drop cache.quantization."
+        )
+    if plain.get("decode_batch"):
+        raise ValueError(
+            f"{backend} decodes each cell from its own quantized cache, and decode_batch=true "
+            "pads full-precision caches into one batch; drop decode_batch=true."
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Refuse a composed run config with one sentence, before any model loads or row is written.
 
@@ -394,6 +427,7 @@ def check_config(cfg: DictConfig) -> None:
         check_against_target(prefix, node)
     check_press_attention(plain)
     check_streaming(plain)
+    check_quantization(plain)
     model = instantiate(cfg.model)  # the model config's own checks (dtype, attention)
     check_device(plain["model"].get("device", "cpu"))
     check_model_source(model.name, model.cache_dir)  # before the plan, not when it loads

@@ -229,6 +229,44 @@ BAD_INPUTS = [
         ["task=ruler", "task.subtasks=[vt]", "task.num_questions=2"],
         "niah_multikey",
     ),
+    ("unknown cache backend", ["cache.quantization=int3"], "cache.quantization='int3' is not"),
+    (
+        "bits the backend lacks",
+        ["cache.quantization=quanto", "cache.nbits=3"],
+        "cache.nbits=3 is not offered by cache.quantization=quanto",
+    ),
+    (
+        "axis the backend lacks",
+        ["cache.quantization=hqq", "cache.axis_key=-1"],
+        "cache.axis_key=-1 is not an axis of cache.quantization=hqq",
+    ),
+    ("group size not a number", ["cache.q_group_size=abc"], "cache.q_group_size='abc' is not"),
+    (
+        "group size zero",
+        ["cache.quantization=fp8", "cache.q_group_size=0"],
+        "cache.q_group_size=0 is not positive",
+    ),
+    ("unknown cache key", ["+cache.bits=4"], "cache.bits is not a setting of CacheQuantization"),
+    (
+        "quantized cache while streaming",
+        ["cache.quantization=fp8", "chunk=128"],
+        "cache.quantization=fp8 stores a cache compressed once",
+    ),
+    (
+        "quantized cache of a shared context",
+        ["protocol=shared_context", "task.num_needles=2", "cache.quantization=fp8"],
+        "cannot crop each question off a quantized cache",
+    ),
+    (
+        "quantized caches decoded together",
+        ["methods=[capkv,snapkv]", "cache.quantization=fp8", "decode_batch=true"],
+        "pads full-precision caches into one batch",
+    ),
+    (
+        "quantized cache of a reading task",
+        ["task=perplexity", "cache.quantization=fp8"],
+        "task=perplexity decodes none of its own",
+    ),
 ]
 BAD_FILES = {
     "list.jsonl": [GOOD_RECORD, ["not", "an", "object"]],
