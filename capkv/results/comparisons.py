@@ -270,6 +270,24 @@ def paired_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
+def paired_columns(frame: pd.DataFrame) -> dict[str, Any]:
+    """How a paired comparison reads in a Markdown table: the difference with its interval, the
+    sign-flip p, the examples won, lost and tied, and the verdict (one home for every paired
+    table: :mod:`capkv.results.turns` too)."""
+    return {
+        "difference [95% CI]": [
+            with_interval(*values)
+            for values in zip(frame["difference"], frame["low"], frame["high"], strict=True)
+        ],
+        "p": [f"{p:.3f}" for p in frame["p_value"]],
+        "won/lost/tied": [
+            f"{w}/{lo}/{t}"
+            for w, lo, t in zip(frame["wins"], frame["losses"], frame["ties"], strict=True)
+        ],
+        "verdict": frame["verdict"],
+    }
+
+
 def paired_markdown(paired: pd.DataFrame) -> str:
     """The paired table in Markdown: differences with their intervals, task and family levels."""
     if paired.empty:
@@ -288,16 +306,7 @@ def paired_markdown(paired: pd.DataFrame) -> str:
             ],
             "against": shown["reference"],
             "n": shown["n"],
-            "difference [95% CI]": [
-                with_interval(*values)
-                for values in zip(shown["difference"], shown["low"], shown["high"], strict=True)
-            ],
-            "p": [f"{p:.3f}" for p in shown["p_value"]],
-            "won/lost/tied": [
-                f"{w}/{lo}/{t}"
-                for w, lo, t in zip(shown["wins"], shown["losses"], shown["ties"], strict=True)
-            ],
-            "verdict": shown["verdict"],
+            **paired_columns(shown),
         }
     )
     caption = (

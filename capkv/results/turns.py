@@ -32,8 +32,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from capkv.results.comparisons import ALPHA, CAPKV, STATISTICS, in_id_order, verdict
-from capkv.results.format import interval_markdown, markdown, with_identity_types, with_interval
+from capkv.results.comparisons import (
+    ALPHA,
+    CAPKV,
+    STATISTICS,
+    in_id_order,
+    paired_columns,
+    verdict,
+)
+from capkv.results.format import interval_markdown, markdown, with_identity_types
 from capkv.results.metrics import run_reporting
 from capkv.results.order import run_order
 from capkv.results.store import IDENTITY_KEYS, finished_rows, method_label
@@ -264,16 +271,7 @@ def paired_turn_markdown(paired: pd.DataFrame) -> str:
             "comparison": paired["comparison"],
             "against": paired["reference"],
             "n": paired["n"],
-            "difference [95% CI]": [
-                with_interval(*values)
-                for values in zip(paired["difference"], paired["low"], paired["high"], strict=True)
-            ],
-            "p": [f"{p:.3f}" for p in paired["p_value"]],
-            "won/lost/tied": [
-                f"{w}/{lo}/{t}"
-                for w, lo, t in zip(paired["wins"], paired["losses"], paired["ties"], strict=True)
-            ],
-            "verdict": paired["verdict"],
+            **paired_columns(paired),
         }
     )
     caption = (
