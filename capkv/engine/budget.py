@@ -45,3 +45,28 @@ class Budget:
     def label(self) -> str:
         """Short name used in result paths and tables, e.g. ``budget512`` or ``ratio0.5``."""
         return f"budget{self.tokens}" if self.tokens is not None else f"ratio{self.ratio:g}"
+
+
+@dataclass(frozen=True)
+class ByteBudget(Budget):
+    """A budget given in bytes and held as tokens: ``kv_bytes`` per KV head and layer (a token
+    budget) or ``kv_fraction`` of the full cache's bytes at 16 bits (a ratio), resolved for one
+    storage by :func:`capkv.engine.kv_bytes.byte_budget`.
+
+    Parameters
+    ----------
+    kv_bytes : int, optional
+        Bytes per KV head per layer; ``tokens`` is the most tokens they hold.
+    kv_fraction : float, optional
+        Share of the prompt's full 16-bit cache; ``ratio`` removes what does not fit.
+    """
+
+    kv_bytes: int | None = None
+    kv_fraction: float | None = None
+
+    @property
+    def label(self) -> str:
+        """``kvbytes8192`` or ``kvfrac0.25``: the same folder name for every storage."""
+        if self.kv_bytes is not None:
+            return f"kvbytes{self.kv_bytes}"
+        return f"kvfrac{self.kv_fraction:g}"

@@ -49,10 +49,12 @@ class CompressionRecord:
     num_layers : int
         Number of decoder layers.
     kv_bytes : int or None
-        Bytes the cache holds once compressed and quantized
-        (:func:`capkv.engine.kv_bytes.held_bytes`); None when it is not quantized.
+        Bytes the cache holds once compressed (and quantized), measured from its tensors
+        (:func:`capkv.engine.kv_bytes.held_bytes`); None unless quantized or budgeted in bytes.
     kv_bytes_per_head_layer : float or None
         The same per KV head per layer.
+    kv_fraction_held : float or None
+        ``kv_bytes`` as a share of the prompt's full cache at 16 bits per value.
     """
 
     num_layers: int
@@ -60,6 +62,7 @@ class CompressionRecord:
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
     kv_bytes: int | None = None
     kv_bytes_per_head_layer: float | None = None
+    kv_fraction_held: float | None = None
 
     def kept_per_head(self) -> list[list[int]] | None:
         """Real tokens kept by every KV head of every layer (first batch row); None before a

@@ -19,7 +19,9 @@ residual as a new block).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +31,13 @@ from transformers.cache_utils import DynamicLayer
 
 from capkv.engine.decoding import HEAD_MASK
 
-BACKENDS = ("none", "quanto", "hqq", "fp8")
+BACKENDS = ("none", "bf16", "fp16", "quanto", "hqq", "fp8")
 EXTRAS = {"quanto": ("optimum.quanto", "quanto"), "hqq": ("hqq", "hqq")}  # module, pip extra
-NBITS = {"quanto": (2, 4), "hqq": (2, 4, 8), "fp8": (8,)}
-DEFAULT_NBITS = {"quanto": 4, "hqq": 4, "fp8": 8}
+NBITS = {"bf16": (16,), "fp16": (16,), "quanto": (2, 4), "hqq": (2, 4, 8), "fp8": (8,)}
+DEFAULT_NBITS = {"bf16": 16, "fp16": 16, "quanto": 4, "hqq": 4, "fp8": 8}
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # 16 bits, no scales
 # quanto's and ours: 0 groups within a token (over channels), -1 within a channel (over tokens);
-# HQQ's: 1 within a token, 0 across the (flattened) tokens.
+# HQQ's: 1 within a token, 0 across the (flattened) tokens. A 16-bit cast has no groups.
 AXES = {"quanto": (0, -1), "hqq": (0, 1), "fp8": (0, -1)}
 
 
@@ -45,9 +48,10 @@ class CacheQuantization:
     Attributes
     ----------
     quantization : str
-        ``none`` (full precision, the default), ``quanto``, ``hqq`` or ``fp8``.
+        ``none`` (the model's precision, the default), ``bf16`` or ``fp16`` (a 16-bit cast:
+        what a GPU deployment holds, on a float32 model too), ``quanto``, ``hqq`` or ``fp8``.
     nbits : int, optional
-        Bits per stored value; None: 4 for quanto and hqq, 8 for fp8.
+        Bits per stored value; None: 16 for bf16 and fp16, 4 for quanto and hqq, 8 for fp8.
     axis_key, axis_value : int
         The backend's grouping axis for keys and values (see ``AXES``; KIVI groups keys per
         channel and values per token).
@@ -96,7 +100,7 @@ class CacheQuantization:
                 f"one of {', '.join(map(str, NBITS[backend]))}."
             )
         for key in ("axis_key", "axis_value"):
-            if getattr(self, key) not in AXES[backend]:
+            if backend in AXES and getattr(self, key) not in AXES[backend]:
                 raise ValueError(
                     f"cache.{key}={getattr(self, key)} is not an axis of cache.quantization="
                     f"{backend}; pass {' or '.join(map(str, AXES[backend]))}."
@@ -113,6 +117,24 @@ class CacheQuantization:
                     f"cache.quantization={backend} needs {module}, which is not installed; run "
                     f"pip install -e '.[{extra}]' or choose cache.quantization=fp8."
                 )
+
+
+STORAGE_NAME = re.compile(r"(none|bf16|fp16|fp8)|(quanto|hqq)(\d+)")
+
+
+def named_storage(name: str, base: CacheQuantization) -> CacheQuantization:
+    """``base`` (the ``cache:`` section) with the backend and bits an entry of ``caches=[...]``
+    names: ``none``, ``bf16``, ``fp16``, ``fp8``, or a backend and its bits (``hqq8``,
+    ``hqq4``, ``quanto2``)."""
+    match = STORAGE_NAME.fullmatch(str(name))
+    if match is None:
+        raise ValueError(
+            f"caches=[...] holds {name!r}, which names no storage; pass none, bf16, fp16, fp8, "
+            "or a backend and its bits such as hqq8, hqq4, quanto2."
+        )
+    if match.group(1) is not None:
+        return dataclasses.replace(base, quantization=match.group(1), nbits=None)
+    return dataclasses.replace(base, quantization=match.group(2), nbits=int(match.group(3)))
 
 
 class Fp8Layer(DynamicLayer):
@@ -181,8 +203,43 @@ class Fp8Layer(DynamicLayer):
         raise NotImplementedError("An fp8 cache layer cannot be cropped.")
 
 
+class HalfLayer(DynamicLayer):
+    """A cache layer holding keys and values in a 16-bit dtype (bfloat16 or float16), read back
+    in the model's dtype: the cache a bfloat16 deployment holds, for a model that computes in
+    float32 (SmolLM2 on the CPU). Every token, decoded ones too, is stored rounded; no scales."""
+
+    is_croppable = False
+
+    def __init__(self, storage_dtype: torch.dtype):
+        super().__init__()
+        self.storage_dtype = storage_dtype
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        new_keys, new_values = (
+            key_states.to(self.storage_dtype),
+            value_states.to(self.storage_dtype),
+        )
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.keys, self.values = new_keys, new_values
+            self.is_initialized = True
+        else:
+            self.keys = torch.cat([self.keys, new_keys], dim=-2)
+            self.values = torch.cat([self.values, new_values], dim=-2)
+        return self.keys.to(self.dtype), self.values.to(self.dtype)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("A 16-bit storage layer cannot be cropped.")
+
+
 def quantized_layer(settings: CacheQuantization) -> DynamicLayer:
     """An empty layer of ``settings``' backend."""
+    if settings.quantization in HALF_DTYPES:
+        return HalfLayer(HALF_DTYPES[settings.quantization])
     if settings.quantization == "fp8":
         return Fp8Layer(settings.axis_key, settings.axis_value, settings.residual_length)
     from transformers.cache_utils import HQQQuantizedLayer, QuantoQuantizedLayer

@@ -4,6 +4,7 @@ reads the raw config; :func:`plan_run` is the one place that does."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,12 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from capkv.engine.budget import Budget
+from capkv.engine.budget import Budget, ByteBudget
 from capkv.engine.compression import resolve_budget
 from capkv.engine.hooks import library_versions
+from capkv.engine.kv_bytes import KVShape, byte_budget
 from capkv.engine.method import EvictionMethod
-from capkv.engine.quantization import CacheQuantization
+from capkv.engine.quantization import CacheQuantization, named_storage
 from capkv.engine.streaming import StreamSettings, check_streamable
 from capkv.harness.runner import (
     SHARED_PROTOCOLS,
@@ -38,9 +40,13 @@ from capkv.storage.locking import is_held
 from capkv.tasks.base import SHARED_CONTEXT_TASKS, Task, capped, shares_contexts
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-SWEEP_KEYS = ("methods", "budgets", "ratios")
+TOKEN_KEYS = ("budget", "ratio")  # one cell's budget in tokens or as a ratio
+BYTE_KEYS = ("kv_bytes", "kv_fraction")  # one cell's budget in bytes
+BYTE_SWEEP_KEYS = ("kv_byte_budgets", "kv_fractions")
+SWEEP_KEYS = ("methods", "budgets", "ratios", *BYTE_SWEEP_KEYS, "caches")
 SHARD_KEYS = ("shards", "shard")  # which examples a process runs, not what a cell holds
 ACCUMULATE = "accumulate"  # the variant of a shared-context run whose turns stay in the cache
+STORAGE_TARGET = f"{CacheQuantization.__module__}.{CacheQuantization.__qualname__}"
 PRESS_PREFIX = "kvpress-"  # methods=[kvpress-tova]: a kvpress press (capkv.interop)
 
 
@@ -83,15 +89,44 @@ class RunPlan:
     accumulate: bool = False
 
 
-def choose_budget(cfg: DictConfig, method: EvictionMethod) -> Budget | None:
-    """The run's budget: at most one convention given, else ``default_budget`` tokens."""
-    if cfg.budget is not None and cfg.ratio is not None:
+def choose_budget(
+    cfg: DictConfig, method: EvictionMethod, storage: CacheQuantization, shape: KVShape | None
+) -> Budget | None:
+    """The run's budget: at most one convention given (tokens, a ratio, or bytes), else
+    ``default_budget`` tokens."""
+    given = [key for key in (*TOKEN_KEYS, *BYTE_KEYS) if cfg.get(key) is not None]
+    if len(given) > 1:
+        values = " and ".join(f"{key}={cfg.get(key)}" for key in given)
         raise ValueError(
-            f"Both budget={cfg.budget} and ratio={cfg.ratio} were given; pass only one of them."
+            f"Both {values} were given; pass only one budget (tokens, ratio, kv_bytes or "
+            "kv_fraction)."
         )
-    if cfg.budget is None and cfg.ratio is None:
+    if given and given[0] in BYTE_KEYS:
+        return bytes_as_budget(method, cfg.get("kv_bytes"), cfg.get("kv_fraction"), storage, shape)
+    if not given:
         return resolve_budget(method, cfg.default_budget if method.evicts else None, None)
     return resolve_budget(method, cfg.budget, cfg.ratio)
+
+
+def bytes_as_budget(
+    method: EvictionMethod,
+    kv_bytes: int | None,
+    kv_fraction: float | None,
+    storage: CacheQuantization,
+    shape: KVShape,
+) -> Budget | None:
+    """The tokens (or ratio) a byte budget buys ``method`` in ``storage`` (None: no eviction)."""
+    if not method.evicts:
+        return None
+    budget = byte_budget(kv_bytes, kv_fraction, shape, storage)
+    try:
+        return resolve_budget(method, budget, None)
+    except ValueError as error:
+        held = (
+            f"{budget.tokens} tokens" if budget.tokens else f"{1 - budget.ratio:.1%} of the tokens"
+        )
+        where = storage.label or "the model's precision"
+        raise ValueError(f"{budget.label} holds {held} per KV head in {where}: {error}") from None
 
 
 def sweep_mode(cfg: DictConfig) -> bool:
@@ -114,40 +149,64 @@ def method_config(cfg: DictConfig, name: str, chosen: str) -> DictConfig:
         raise ValueError(f"Unknown method {name!r} in methods; choose from: {valid}.") from None
 
 
-def planned_budgets(cfg: DictConfig, method: EvictionMethod) -> list[Budget | None]:
-    """Budgets of a sweep: every budgets/ratios entry (the full cache runs once)."""
+def planned_budgets(
+    cfg: DictConfig, method: EvictionMethod, storage: CacheQuantization, shape: KVShape | None
+) -> list[Budget | None]:
+    """Budgets of a sweep: every budgets/ratios/kv_byte_budgets/kv_fractions entry (the full
+    cache runs once per storage)."""
     if not method.evicts:
         return [None]
-    if cfg.budget is not None or cfg.ratio is not None:
+    singles = [key for key in (*TOKEN_KEYS, *BYTE_KEYS) if cfg.get(key) is not None]
+    if singles:
         raise ValueError(
-            "A sweep takes its budgets from budgets=[...] and ratios=[...]; drop budget= and ratio=."
+            "A sweep takes its budgets from budgets=[...], ratios=[...], kv_byte_budgets=[...] "
+            f"and kv_fractions=[...]; drop {'= and '.join(singles)}=."
         )
     budgets = [resolve_budget(method, tokens, None) for tokens in cfg.get("budgets") or []]
     budgets += [resolve_budget(method, None, ratio) for ratio in cfg.get("ratios") or []]
+    budgets += [
+        bytes_as_budget(method, kv_bytes, None, storage, shape)
+        for kv_bytes in cfg.get("kv_byte_budgets") or []
+    ]
+    budgets += [
+        bytes_as_budget(method, None, fraction, storage, shape)
+        for fraction in cfg.get("kv_fractions") or []
+    ]
     if not budgets:
         budgets = [resolve_budget(method, cfg.default_budget, None)]
     return budgets
 
 
+def storages(cfg: DictConfig) -> list[CacheQuantization]:
+    """How the cells store their caches: the ``cache:`` section, or one storage per entry of
+    ``caches=[...]`` (its other settings from that section)."""
+    base = cache_quantization(cfg)
+    names = cfg.get("caches")
+    return [named_storage(name, base) for name in names] if names else [base]
+
+
+def cache_shape(cfg: DictConfig) -> KVShape | None:
+    """The model's cache shape where the run budgets bytes (None elsewhere: nothing is read)."""
+    if not any(cfg.get(key) is not None for key in (*BYTE_KEYS, *BYTE_SWEEP_KEYS)):
+        return None
+    return KVShape.of(*instantiate(cfg.model).architecture())
+
+
 def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
-    """Every (method, budget) cell the config asks for, with its run directory and config, on
-    the examples of shard ``shard`` of ``shards``."""
+    """Every (method, storage, budget) cell the config asks for, with its run directory and
+    config, on the examples of shard ``shard`` of ``shards``."""
     choices = HydraConfig.get().runtime.choices
     check_protocol(cfg.protocol)
     sweeping = sweep_mode(cfg)
     names = list(cfg.methods) if sweeping and cfg.methods else [choices["method"]]
     shard = Shard(cfg.shard, cfg.shards)
     stream = StreamSettings(cfg.get("chunk"), cfg.get("compress_every"))
-    quantization = cache_quantization(cfg)
+    shape = cache_shape(cfg)
     turns = ACCUMULATE if cfg.get("accumulate") else ""
-    parts = (str(cfg.variant or ""), stream.label, quantization.label, turns)
-    variant = "-".join(part for part in parts if part)
     results_dir = Path(to_absolute_path(cfg.results_dir))
     base = OmegaConf.to_container(cfg, resolve=True)
-    for key in (*SWEEP_KEYS, *SHARD_KEYS):
+    for key in (*SWEEP_KEYS, *SHARD_KEYS, *BYTE_KEYS):
         base.pop(key, None)
-    if not quantization.active:  # an unquantized cell's config.yaml is as before the section
-        base.pop("cache", None)
     cells = []
     for name in names:
         method_cfg = method_config(cfg, name, choices["method"])
@@ -155,28 +214,55 @@ def plan_cells(cfg: DictConfig, task_name: str) -> list[Cell]:
         check_allocation(method, cfg.model.attn_implementation)
         if stream.active:
             check_streamable(method)
-        budgets = planned_budgets(cfg, method) if sweeping else [choose_budget(cfg, method)]
-        for budget in budgets:
-            label = getattr(method, "folder_name", name)  # kvpress-tova for method=kvpress
-            identity = run_identity(
-                choices["model"], task_name, label, variant, budget, cfg.protocol
+        for storage in storages(cfg):
+            parts = (str(cfg.variant or ""), stream.label, storage.label, turns)
+            variant = "-".join(part for part in parts if part)
+            budgets = (
+                planned_budgets(cfg, method, storage, shape)
+                if sweeping
+                else [choose_budget(cfg, method, storage, shape)]
             )
-            resolved = {
-                **base,
-                "method": OmegaConf.to_container(method_cfg, resolve=True),
-                "budget": budget.tokens if budget is not None else None,
-                "ratio": budget.ratio if budget is not None else None,
-                "versions": library_versions(),
-            }
-            run_dir = identity_directory(results_dir, identity)
-            check_same_config(run_dir, resolved)
-            if is_held(shard_lock_path(run_dir, shard)):
-                raise CellBusy(busy_message(run_dir, shard))
-            check_one_shard_count(run_dir, shard)
-            cells.append(
-                Cell(method, budget, run_dir, identity, shard, resolved, stream, quantization)
-            )
+            for budget in budgets:
+                label = getattr(method, "folder_name", name)  # kvpress-tova for method=kvpress
+                identity = run_identity(
+                    choices["model"], task_name, label, variant, budget, cfg.protocol
+                )
+                resolved = {
+                    **base,
+                    "method": OmegaConf.to_container(method_cfg, resolve=True),
+                    "budget": budget.tokens if budget is not None else None,
+                    "ratio": budget.ratio if budget is not None else None,
+                    **byte_fields(budget),
+                    "versions": library_versions(),
+                }
+                if storage.active:  # an unquantized cell's config.yaml is as before the section
+                    resolved["cache"] = storage_config(storage)
+                else:
+                    resolved.pop("cache", None)
+                run_dir = identity_directory(results_dir, identity)
+                check_same_config(run_dir, resolved)
+                if is_held(shard_lock_path(run_dir, shard)):
+                    raise CellBusy(busy_message(run_dir, shard))
+                check_one_shard_count(run_dir, shard)
+                cells.append(
+                    Cell(
+                        *(method, budget, run_dir, identity, shard, resolved, stream, storage),
+                        measure_bytes=shape is not None,  # a run budgeting bytes
+                    )
+                )
     return cells
+
+
+def byte_fields(budget: Budget | None) -> dict[str, Any]:
+    """A byte budget's own keys in a cell's config.yaml (none for token budgets and ratios)."""
+    if not isinstance(budget, ByteBudget):
+        return {}
+    return {"kv_bytes": budget.kv_bytes, "kv_fraction": budget.kv_fraction}
+
+
+def storage_config(storage: CacheQuantization) -> dict[str, Any]:
+    """The ``cache:`` section of a cell's config.yaml: its own storage, as Hydra builds it."""
+    return {"_target_": STORAGE_TARGET, **dataclasses.asdict(storage)}
 
 
 def cache_quantization(cfg: DictConfig) -> CacheQuantization:
@@ -214,11 +300,12 @@ def plan_run(cfg: DictConfig) -> RunPlan:
             f"task={task.name} asks one per context; use a task with several: "
             f"{SHARED_CONTEXT_TASKS}."
         )
-    if cache_quantization(cfg).active and getattr(task, "evaluate", None) is not None:
+    quantized = [storage for storage in storages(cfg) if storage.active]
+    if quantized and getattr(task, "evaluate", None) is not None:
         raise ValueError(
-            f"cache.quantization={cfg.cache.quantization} quantizes the cache an answer is "
+            f"cache.quantization={quantized[0].quantization} quantizes the cache an answer is "
             f"decoded from, and task={task.name} decodes none of its own; drop cache.quantization "
-            "or use a question-answering task."
+            "(and caches=) or use a question-answering task."
         )
     cells = plan_cells(cfg, task.name)
     apart = unshared_prefill(sweep_mode(cfg), task, cells)

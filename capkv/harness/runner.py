@@ -20,7 +20,7 @@ from capkv.engine.budget import Budget
 from capkv.engine.compression import CompressionRecord, evict
 from capkv.engine.decoding import batched_greedy_generate, greedy_generate
 from capkv.engine.hooks import run_with_cache
-from capkv.engine.kv_bytes import held_bytes, per_head_layer
+from capkv.engine.kv_bytes import REFERENCE_BITS, held_bytes, per_head_layer
 from capkv.engine.method import EvictionMethod
 from capkv.engine.quantization import CacheQuantization, quantized_cache
 from capkv.engine.streaming import StreamSettings, streamed
@@ -132,11 +132,12 @@ def generate_one(
     max_new_tokens: int,
     stream: StreamSettings | None = None,
     quantization: CacheQuantization | None = None,
+    measure_bytes: bool = False,
 ) -> tuple[str, CompressionRecord]:
     """Prefill with eviction under ``protocol``, then decode greedily; with active ``stream``
     settings the prompt is read in chunks and generation compressed as it goes
     (:mod:`capkv.engine.streaming`); with active ``quantization`` the compressed cache is
-    decoded from quantized storage (:func:`stored`)."""
+    decoded from quantized storage (:func:`stored`; ``measure_bytes`` notes the bytes held)."""
     cache = DynamicCache()
     if stream is not None and stream.active:
         with streamed(model, method, budget, settings=stream) as streamer:
@@ -147,7 +148,7 @@ def generate_one(
         return prediction, streamer.record
     with evict(model, method, budget=budget) as record:
         last_logits = prefill(model, prefill_ids(prompt, protocol), cache)
-        cache = stored(cache, record, quantization)
+        cache = stored(cache, record, quantization, measure_bytes)
         (prediction,) = decode(
             model, tokenizer, [cache], prompt, protocol, last_logits, max_new_tokens
         )
@@ -155,17 +156,24 @@ def generate_one(
 
 
 def stored(
-    cache: Cache, record: CompressionRecord, quantization: CacheQuantization | None
+    cache: Cache,
+    record: CompressionRecord,
+    quantization: CacheQuantization | None,
+    measure_bytes: bool = False,
 ) -> Cache:
     """The compressed ``cache`` as decoding reads it: itself, or (with active ``quantization``)
-    a quantized copy whose bytes are noted in ``record``."""
-    if quantization is None or not quantization.active:
+    a quantized copy. Quantized or with ``measure_bytes`` (a run budgeting bytes), the bytes it
+    holds are noted in ``record``."""
+    quantized = quantization is not None and quantization.active
+    if not quantized and not measure_bytes:
         return cache
-    quantized = quantized_cache(cache, quantization)
-    record.kv_bytes = held_bytes(quantized)
-    heads = cache.layers[0].keys.shape[1]
-    record.kv_bytes_per_head_layer = per_head_layer(record.kv_bytes, len(cache.layers), heads)
-    return quantized
+    held = quantized_cache(cache, quantization) if quantized else cache
+    layers, heads, _, head_dim = len(cache.layers), *cache.layers[0].keys.shape[1:]
+    record.kv_bytes = held_bytes(held)
+    record.kv_bytes_per_head_layer = per_head_layer(record.kv_bytes, layers, heads)
+    reference = layers * heads * 2 * record.prompt_length * head_dim * REFERENCE_BITS // 8
+    record.kv_fraction_held = round(record.kv_bytes / reference, 6)
+    return held
 
 
 def max_prompt_tokens(model: PreTrainedModel, tokenizer: Any) -> int:
@@ -244,9 +252,10 @@ def result_row(
         "seconds": round(seconds, 3),
         "metadata": example.metadata,
     }
-    if record.kv_bytes is not None:  # quantized storage: the bytes held after compression
+    if record.kv_bytes is not None:  # quantized or byte-budgeted: the bytes held once compressed
         row["kv_bytes"] = record.kv_bytes
         row["kv_bytes_per_head_layer"] = record.kv_bytes_per_head_layer
+        row["kv_fraction_held"] = record.kv_fraction_held
     peak = getattr(record, "peak_per_layer", None)
     if peak is not None:  # a streaming pass: the most tokens each layer held at once
         row["peak_tokens_per_layer"] = peak
@@ -288,6 +297,7 @@ def example_row(
         example.max_new_tokens,
         cell.stream,
         cell.quantization,
+        cell.measure_bytes,
     )
     seconds = time.perf_counter() - start
     return result_row(task, example, prompt, prediction, record, seconds)
@@ -477,6 +487,8 @@ class Cell:
         How the prompt is read and generation bounded (by default: prefill-time eviction).
     quantization : CacheQuantization
         How the compressed cache is stored (by default: full precision).
+    measure_bytes : bool
+        Whether its rows record the bytes held (quantized cells and runs budgeting bytes do).
     config : dict or None
         The resolved config, written as ``config.yaml`` before the first row and refused when
         the folder holds results of other settings; its task says how the scores are reported
@@ -491,9 +503,11 @@ class Cell:
     config: dict[str, Any] | None = None
     stream: StreamSettings = field(default_factory=StreamSettings)
     quantization: CacheQuantization = field(default_factory=CacheQuantization)
+    measure_bytes: bool = False
     log: RunLog = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.measure_bytes = self.measure_bytes or self.quantization.active
         self.log = RunLog(self.run_dir, self.identity, self.shard, self.config)
 
 

@@ -129,9 +129,9 @@ def run_sweep(
     """
     check_protocol(protocol)
     (shard,) = {cell.log.shard for cell in cells}
-    (quantization,) = {repr(cell.quantization): cell.quantization for cell in cells}.values()
     # A batch pads full-precision caches together; quantized ones decode one by one.
-    batched = uses_batched_decoding(model, decode_batch) and not quantization.active
+    quantized = any(cell.quantization.active for cell in cells)
+    batched = uses_batched_decoding(model, decode_batch) and not quantized
     plan = prepared_examples(model, tokenizer, task, shard)
     try:
         for cell in cells:
@@ -161,7 +161,12 @@ def run_sweep(
             for group in groups:
                 start = time.perf_counter()
                 caches = [
-                    stored(gathered_cache(full_cache, records[i]), records[i], quantization)
+                    stored(
+                        gathered_cache(full_cache, records[i]),
+                        records[i],
+                        pending[i].quantization,
+                        pending[i].measure_bytes,
+                    )
                     for i in group
                 ]
                 predictions = decode(

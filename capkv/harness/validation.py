@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from capkv.engine.decoding import check_head_masking
 from capkv.engine.method import EvictionMethod
-from capkv.engine.quantization import CacheQuantization
+from capkv.engine.quantization import CacheQuantization, named_storage
 from capkv.harness.runner import SHARED_PROTOCOLS, check_protocol
 from capkv.models.loading import check_model_source
 from capkv.models.support import resolve_attn_implementation
@@ -102,6 +102,29 @@ def check_budgets(cfg: dict[str, Any]) -> None:
             raise ValueError(
                 f"ratios={shown(cfg['ratios'])} holds {shown(ratio)}, not a number; pass "
                 "fractions of the prompt removed, e.g. ratios=[0.5,0.75]."
+            )
+    check_byte_budgets(cfg)
+
+
+def check_byte_budgets(cfg: dict[str, Any]) -> None:
+    """``kv_bytes``/``kv_fraction`` and the sweep lists ``kv_byte_budgets``/``kv_fractions``."""
+    check_count("kv_bytes", cfg.get("kv_bytes"), example=8192)
+    for kv_bytes in check_list("kv_byte_budgets", cfg.get("kv_byte_budgets"), "[4096,8192]") or []:
+        if not is_integer(kv_bytes) or kv_bytes < 1:
+            raise ValueError(
+                f"kv_byte_budgets={shown(cfg['kv_byte_budgets'])} holds {shown(kv_bytes)}, not a "
+                "positive whole number of bytes per KV head and layer; pass e.g. "
+                "kv_byte_budgets=[4096,8192]."
+            )
+    fractions = check_list("kv_fractions", cfg.get("kv_fractions"), "[0.5,0.25]") or []
+    for key, fraction in [("kv_fraction", cfg.get("kv_fraction"))] + [
+        ("kv_fractions", fraction) for fraction in fractions
+    ]:
+        if fraction is not None and (not is_number(fraction) or not 0 < fraction <= 1):
+            raise ValueError(
+                f"{key}={shown(cfg[key])} holds {shown(fraction)}, not a share of the full "
+                f"cache's bytes in (0, 1]; pass e.g. {key}="
+                f"{'0.25' if key == 'kv_fraction' else '[0.5,0.25]'}."
             )
 
 
@@ -353,18 +376,22 @@ def check_shared_context(plain: dict[str, Any]) -> None:
 
 
 def check_quantization(plain: dict[str, Any]) -> None:
-    """The ``cache:`` section names an installed backend with settings it takes, and a
-    quantized cache is asked only where it is decoded from once: not streamed, not cropped
-    between questions, not padded into a batch."""
+    """The ``cache:`` section and every ``caches=[...]`` entry name an installed backend with
+    settings it takes, and a quantized cache is asked only where it is decoded from once: not
+    streamed, not cropped between questions, not padded into a batch."""
     node = plain.get("cache")
     if node is None:
         return
     check_against_target("cache", node)
-    settings = CacheQuantization(**{k: v for k, v in node.items() if not k.startswith("_")})
-    settings.check()
-    if not settings.active:
+    base = CacheQuantization(**{k: v for k, v in node.items() if not k.startswith("_")})
+    names = check_list("caches", plain.get("caches"), "[bf16,hqq4]")
+    settings = [named_storage(name, base) for name in names] if names else [base]
+    for storage in settings:
+        storage.check()
+    active = [storage for storage in settings if storage.active]
+    if not active:
         return
-    backend = f"cache.quantization={settings.quantization}"
+    backend = f"cache.quantization={active[0].quantization}"
     if plain.get("chunk") is not None or plain.get("compress_every") is not None:
         raise ValueError(
             f"{backend} stores a cache compressed once, and streaming (chunk= or "

@@ -20,6 +20,7 @@ from capkv.models.smollm2 import (
     SMOLLM2_NAME,
     default_smollm2_cache,
     load_smollm2,
+    smollm2_config,
     smollm2_gguf_path,
 )
 from capkv.models.support import (
@@ -30,7 +31,7 @@ from capkv.models.support import (
     resolve_attn_implementation,
     resolve_dtype,
 )
-from capkv.models.tiny import TINY_NAME, build_tiny_model
+from capkv.models.tiny import TINY_NAME, build_tiny_model, tiny_config
 from capkv.storage.folders import folder_damage
 
 
@@ -181,6 +182,21 @@ class ModelConfig:
         resolve_dtype(self.dtype)
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             check_attn_implementation(self.attn_implementation)
+
+    def architecture(self) -> tuple[PretrainedConfig, torch.dtype]:
+        """The transformers config of the model this names and the dtype it computes in, read
+        without loading weights (what a byte budget is planned from)."""
+        dtype = resolve_dtype(self.dtype)
+        if self.name == TINY_NAME:
+            config = tiny_config("llama")
+        elif self.name == SMOLLM2_NAME:
+            config = smollm2_config()
+        else:
+            config, _ = pretrained_config(self.name)
+            if dtype == "auto":
+                dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+                dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+        return config, dtype if isinstance(dtype, torch.dtype) else torch.float32
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """Load the model and tokenizer this config names (see ``load_model``)."""

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -39,8 +40,14 @@ SMOLLM2_EXPECTED = {
     "num_attention_heads": 9,
     "num_key_value_heads": 3,
     "num_hidden_layers": 30,
+    "hidden_size": 576,
     "max_position_embeddings": 8192,
 }
+
+
+def smollm2_config() -> PretrainedConfig:
+    """SmolLM2-135M-Instruct's architecture, without its weights (:data:`SMOLLM2_EXPECTED`)."""
+    return LlamaConfig(**{k: v for k, v in SMOLLM2_EXPECTED.items() if k != "model_type"})
 
 
 def smollm2_gguf_path() -> Path:

@@ -267,6 +267,44 @@ BAD_INPUTS = [
         ["task=perplexity", "cache.quantization=fp8"],
         "task=perplexity decodes none of its own",
     ),
+    (
+        "bytes together with tokens",
+        ["method=snapkv", "kv_bytes=8192", "budget=64"],
+        "Both budget=64 and kv_bytes=8192 were given",
+    ),
+    (
+        "bytes together with a ratio",
+        ["method=snapkv", "kv_fraction=0.25", "ratio=0.5"],
+        "Both ratio=0.5 and kv_fraction=0.25 were given",
+    ),
+    (
+        "a byte budget below one token",
+        ["method=snapkv", "cache.quantization=fp8", "kv_bytes=20"],
+        "kv_bytes=20 holds no token per KV head in cache.quantization=fp8 at 8 bits (one token "
+        "takes 40 bytes per KV head and layer); pass kv_bytes=40 or more.",
+    ),
+    ("a byte fraction above one", ["kv_fraction=1.5"], "not a share of the full cache's bytes"),
+    (
+        "a byte fraction of zero in a sweep",
+        ["methods=[snapkv]", "kv_fractions=[0.5,0]"],
+        "kv_fractions=[0.5,0] holds 0, not a share",
+    ),
+    (
+        "one byte budget in a sweep",
+        ["methods=[snapkv]", "kv_bytes=8192"],
+        "A sweep takes its budgets from budgets=[...], ratios=[...], kv_byte_budgets=[...]",
+    ),
+    ("an unknown storage", ["methods=[snapkv]", "caches=[int3]"], "caches=[...] holds 'int3'"),
+    (
+        "bits a storage lacks",
+        ["methods=[snapkv]", "caches=[bf16,quanto8]"],
+        "cache.nbits=8 is not offered by cache.quantization=quanto",
+    ),
+    (
+        "a byte budget below a method's window",
+        ["method=snapkv", "method.window=32", "kv_bytes=1024"],
+        "kvbytes1024 holds 8 tokens per KV head in the model's precision: SnapKV always keeps",
+    ),
 ]
 BAD_FILES = {
     "list.jsonl": [GOOD_RECORD, ["not", "an", "object"]],
