@@ -12,7 +12,7 @@ ORACLE_VENV := .venv-oracle
 ORACLE_TRANSFORMERS := transformers==4.56.2
 
 .PHONY: setup test lint format run figures tables reproduce reproduce-allocation \
-	reproduce-leaderboard reproduce-streaming reproduce-shared bench clean
+	reproduce-leaderboard reproduce-streaming reproduce-shared reproduce-quantized bench clean
 
 setup: $(VENV)/.installed
 
@@ -97,6 +97,14 @@ reproduce-shared: $(VENV)/.installed
 	$(BIN)/python run.py -m experiment=shared_ruler protocol=shared_context,shared_first_question
 	$(MAKE) tables figures
 
+# Evict, quantize or both at equal KV bytes (experiments/quantized_*.yaml): the two tasks side by
+# side, one CPU thread each; both resume where they stopped.
+reproduce-quantized: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/python run.py experiment=quantized_needle & needle=$$!; \
+	OMP_NUM_THREADS=1 $(BIN)/python run.py experiment=quantized_ruler; ruler=$$?; \
+	wait $$needle && exit $$ruler
+	$(MAKE) tables figures
+
 # Every kvpress scorer press beside our methods. kvpress needs transformers<5.3, so the runs use
 # .venv-oracle (transformers 4.56); ObservedAttention needs eager attention (a second sweep).
 LEADERBOARD := results/kvpress_leaderboard
@@ -118,6 +126,7 @@ tables: $(VENV)/.installed
 	$(BIN)/python -m capkv.results $(RESULTS)
 	test ! -d $(RESULTS)/context_limit/runs || $(BIN)/python -m capkv.results $(RESULTS)/context_limit
 	test ! -d $(RESULTS)/shared_context/runs || $(BIN)/python -m capkv.results $(RESULTS)/shared_context
+	test ! -d $(RESULTS)/quantized/runs || $(BIN)/python -m capkv.results $(RESULTS)/quantized
 
 # Plots from the tables alone (never rewrites results/; refuses tables older than the runs).
 figures: $(VENV)/.installed
@@ -126,6 +135,8 @@ figures: $(VENV)/.installed
 		$(BIN)/python -m capkv.figures --results $(RESULTS)/context_limit --plots $(PLOTS)/context_limit
 	test ! -d $(RESULTS)/shared_context/runs || \
 		$(BIN)/python -m capkv.figures --results $(RESULTS)/shared_context --plots $(PLOTS)/shared_context
+	test ! -d $(RESULTS)/quantized/runs || \
+		$(BIN)/python -m capkv.figures --results $(RESULTS)/quantized --plots $(PLOTS)/quantized
 
 # Your results under outputs/results stay.
 clean:
