@@ -48,6 +48,7 @@ from capkv.harness.runner import (
     prefill,
     result_row,
     stop_token_ids,
+    stored,
     text_limit,
 )
 from capkv.harness.shards import Shard, select_shard
@@ -330,6 +331,7 @@ def run_shared_cell(
             cache = DynamicCache()
             with evict(model, cell.method, budget=cell.budget) as record:
                 last_logits = prefill(model, group.compressed_ids(protocol), cache)
+                cache = stored(cache, record, cell.quantization, cell.measure_bytes)
                 prefill_seconds = time.perf_counter() - start
                 done = frozenset(cell.log.done)
                 turns = answer_turns(
@@ -393,7 +395,15 @@ def run_shared_sweep(
             for members in (
                 decoding_groups(records) if batched else [[i] for i in range(len(pending))]
             ):
-                caches = [gathered_cache(full_cache, records[i]) for i in members]
+                caches = [
+                    stored(
+                        gathered_cache(full_cache, records[i]),
+                        records[i],
+                        pending[i].quantization,
+                        pending[i].measure_bytes,
+                    )
+                    for i in members
+                ]
                 if len(caches) > 1:
                     together = answer_turns_together(
                         model, tokenizer, caches, group, protocol, last_logits

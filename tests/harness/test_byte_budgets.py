@@ -99,3 +99,13 @@ def test_a_byte_sweep_over_storages_records_what_each_cell_held(tmp_path):
     for a, b in zip(swept, separate, strict=True):
         a.pop("seconds"), b.pop("seconds")
         assert a == b
+
+
+def test_a_shared_context_under_a_byte_budget_records_its_bytes(tmp_path):
+    needle = ["model=tiny-random", "task.context_lengths=[300]", "task.depths=[0]"]
+    shared = ["protocol=shared_context", "task.num_needles=2", "method=snapkv"]
+    run(tmp_path, *needle, *shared, "cache.quantization=none", "kv_fraction=0.5")
+    cell = ("tiny-random", "needle", "snapkv", "kvfrac0.5", "shared_context")
+    rows = finished_rows(run_directory(tmp_path / "results", *cell))
+    assert [row["turn"] for row in rows] == [1, 2]
+    assert all(0 < row["kv_fraction_held"] <= 0.5 for row in rows)
