@@ -137,6 +137,12 @@ def named_storage(name: str, base: CacheQuantization) -> CacheQuantization:
     return dataclasses.replace(base, quantization=match.group(2), nbits=int(match.group(3)))
 
 
+def run_storages(base: CacheQuantization, names: list[str] | None) -> list[CacheQuantization]:
+    """How a run's cells store their caches: ``base`` (the ``cache:`` section), or one storage
+    per entry of ``caches=[...]`` (:func:`named_storage`)."""
+    return [named_storage(name, base) for name in names] if names else [base]
+
+
 class Fp8Layer(DynamicLayer):
     """A cache layer holding keys and values as ``torch.float8_e4m3fn`` with float32 scales.
 

@@ -20,7 +20,7 @@ from capkv.engine.compression import resolve_budget
 from capkv.engine.hooks import library_versions
 from capkv.engine.kv_bytes import KVShape, byte_budget
 from capkv.engine.method import EvictionMethod
-from capkv.engine.quantization import CacheQuantization, named_storage
+from capkv.engine.quantization import CacheQuantization, run_storages
 from capkv.engine.streaming import StreamSettings, check_streamable
 from capkv.harness.runner import (
     SHARED_PROTOCOLS,
@@ -180,9 +180,7 @@ def planned_budgets(
 def storages(cfg: DictConfig) -> list[CacheQuantization]:
     """How the cells store their caches: the ``cache:`` section, or one storage per entry of
     ``caches=[...]`` (its other settings from that section)."""
-    base = cache_quantization(cfg)
-    names = cfg.get("caches")
-    return [named_storage(name, base) for name in names] if names else [base]
+    return run_storages(cache_quantization(cfg), cfg.get("caches"))
 
 
 def cache_shape(cfg: DictConfig) -> KVShape | None:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from capkv.engine.decoding import check_head_masking
 from capkv.engine.method import EvictionMethod
-from capkv.engine.quantization import CacheQuantization, named_storage
+from capkv.engine.quantization import CacheQuantization, run_storages
 from capkv.harness.runner import SHARED_PROTOCOLS, check_protocol
 from capkv.models.loading import check_model_source
 from capkv.models.support import resolve_attn_implementation
@@ -384,8 +384,7 @@ def check_quantization(plain: dict[str, Any]) -> None:
         return
     check_against_target("cache", node)
     base = CacheQuantization(**{k: v for k, v in node.items() if not k.startswith("_")})
-    names = check_list("caches", plain.get("caches"), "[bf16,hqq4]")
-    settings = [named_storage(name, base) for name in names] if names else [base]
+    settings = run_storages(base, check_list("caches", plain.get("caches"), "[bf16,hqq4]"))
     for storage in settings:
         storage.check()
     active = [storage for storage in settings if storage.active]
