@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 from capkv.analysis.diagnostics import CapacityProbe
 from capkv.engine.compression import CompressionRecord, evict, gathered_cache, record_kept
 from capkv.engine.decoding import batched_greedy_generate, greedy_generate
+from capkv.engine.streaming import streamed
 from capkv.harness.runner import (
     Cell,
     answer_text,
@@ -310,6 +312,22 @@ def pending_groups(groups: list[ContextGroup], cells: list[Cell]) -> list[Contex
     ]
 
 
+@contextmanager
+def compressing(
+    model: PreTrainedModel, cell: Cell
+) -> Iterator[tuple[CompressionRecord, Callable[[torch.Tensor, Cache], torch.Tensor]]]:
+    """A cell's compression of a context, and how the context is read into it: one prefill
+    evicted at its end, or (with the cell's ``chunk``) read in chunks, each followed by a
+    compression (:mod:`capkv.engine.streaming`); decoding inside stays bounded by neither (its
+    turns are cropped off). Yields the record and ``read(ids, cache) -> last logits``."""
+    if cell.stream.active:
+        with streamed(model, cell.method, cell.budget, settings=cell.stream) as streamer:
+            yield streamer.record, streamer.prefill
+        return
+    with evict(model, cell.method, budget=cell.budget) as record:
+        yield record, lambda ids, cache: prefill(model, ids, cache)
+
+
 def run_shared_cell(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -329,8 +347,8 @@ def run_shared_cell(
         for group in tqdm(todo, desc=label, unit="context"):
             start = time.perf_counter()
             cache = DynamicCache()
-            with evict(model, cell.method, budget=cell.budget) as record:
-                last_logits = prefill(model, group.compressed_ids(protocol), cache)
+            with compressing(model, cell) as (record, read):
+                last_logits = read(group.compressed_ids(protocol), cache)
                 cache = stored(cache, record, cell.quantization, cell.measure_bytes)
                 prefill_seconds = time.perf_counter() - start
                 done = frozenset(cell.log.done)

@@ -349,7 +349,8 @@ def check_streaming(plain: dict[str, Any]) -> None:
 
 def check_shared_context(plain: dict[str, Any]) -> None:
     """``accumulate`` is true or false and asks for a shared-context protocol; a shared-context
-    protocol neither streams nor batches accumulating turns."""
+    protocol reads its context in chunks at most (nothing compresses its turns), and never
+    batches accumulating turns."""
     accumulate = plain.get("accumulate", False)
     if not isinstance(accumulate, bool):
         raise ValueError(
@@ -363,10 +364,17 @@ def check_shared_context(plain: dict[str, Any]) -> None:
             f"and protocol={plain['protocol']} asks one question per prompt; pass "
             "protocol=shared_context (or shared_first_question), or drop accumulate=true."
         )
-    if shared and (plain.get("chunk") is not None or plain.get("compress_every") is not None):
+    if shared and plain.get("compress_every") is not None:
         raise ValueError(
-            f"protocol={plain['protocol']} does not stream yet (its turns are cropped from a "
-            "cache compressed once); drop chunk= and compress_every=, or use protocol=context_only."
+            f"compress_every={plain['compress_every']} compresses while answering, and "
+            f"protocol={plain['protocol']} crops each question and answer back off the "
+            "compressed context; drop compress_every= (chunk= reads the context in chunks)."
+        )
+    if accumulate and plain.get("chunk") is not None:
+        raise ValueError(
+            f"accumulate=true with chunk={plain['chunk']} would let every turn grow the cache "
+            "past budget + chunk (turns are not compressed as they accumulate); drop chunk= or "
+            "accumulate=true."
         )
     if accumulate and plain.get("decode_batch"):
         raise ValueError(

@@ -203,9 +203,14 @@ BAD_INPUTS = [
         "accumulate=true keeps each question and answer of a shared context",
     ),
     (
-        "shared context while streaming",
-        ["protocol=shared_context", "task.num_needles=2", "chunk=128"],
-        "protocol=shared_context does not stream yet",
+        "a shared context compressed while answering",
+        ["protocol=shared_context", "task.num_needles=2", "compress_every=16"],
+        "compress_every=16 compresses while answering, and protocol=shared_context crops",
+    ),
+    (
+        "accumulating turns in a streamed cache",
+        ["protocol=shared_context", "task.num_needles=2", "accumulate=true", "chunk=128"],
+        "accumulate=true with chunk=128 would let every turn grow the cache past budget + chunk",
     ),
     (
         "accumulating turns decoded together",

@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from baselines import H2O, Full, PyramidKV, SnapKV, StreamingLLM
 from capkv import Budget, CapKV, evict
 from capkv.engine.decoding import greedy_generate
+from capkv.engine.streaming import StreamSettings
 from capkv.harness.runner import Cell, prefill, run_cell, stop_token_ids
 from capkv.harness.shards import UNSHARDED, Shard
 from capkv.harness.shared_context import (
@@ -121,6 +122,28 @@ def test_one_question_per_context_gives_the_context_only_rows(name, tmp_path, gq
     assert [(row["turn"], row["turns"], row["context"]) for row in shared] == [
         (1, 1, row["example_id"]) for row in alone
     ]
+
+
+STREAMABLE = ["capkv", "snapkv", "pyramidkv", "h2o", "streamingllm"]
+
+
+@pytest.mark.parametrize("name", STREAMABLE)
+def test_a_context_read_in_chunks_answers_each_question_as_context_only_streaming_does(
+    name, tmp_path, gqa_model
+):
+    model, tokenizer = gqa_model
+    task = AskedTwice(NeedleTask(context_lengths=[300], depths=[50]))
+    budget, stream = Budget(tokens=48), StreamSettings(chunk=64)
+    alone = replace(cell(tmp_path / "alone", name, budget, "x"), stream=stream)
+    shared = replace(cell(tmp_path / "shared", name, budget, "x"), stream=stream)
+    run_cell(model, tokenizer, task, alone, "context_only")
+    run_shared_cell(model, tokenizer, task, shared, "shared_context")
+    separate, together = finished_rows(alone.run_dir), finished_rows(shared.run_dir)
+    assert len(separate) == len(together) == 3
+    peaks = [row.pop("peak_tokens_per_layer") for row in (*separate, *together)]
+    assert [without(row) for row in together] == [without(row) for row in separate]
+    # One record per context: its peak is the most any of its questions made a layer hold.
+    assert peaks[3:] == [[max(layer) for layer in zip(*peaks[:3], strict=True)]] * 3
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
