@@ -46,8 +46,14 @@ from capkv.results.comparisons import (
     paired_fields,
 )
 from capkv.results.format import interval_markdown, markdown, with_identity_types
-from capkv.results.order import FULL, run_order
-from capkv.results.store import IDENTITY_KEYS, finished_rows, method_label, stored_config
+from capkv.results.order import run_order
+from capkv.results.store import (
+    FULL_BUDGET,
+    IDENTITY_KEYS,
+    finished_rows,
+    method_label,
+    stored_config,
+)
 from capkv.results.turns import headline_metric
 from capkv.results.uncertainty import RESAMPLES, Interval, mean_interval
 
@@ -94,6 +100,7 @@ class ByteRun:
 
     @property
     def label(self) -> str:
+        """The run's method and variant as tables show them (``capkv-q4-hqq``)."""
         return method_label(self.metrics["method"], self.metrics["variant"])
 
     @property
@@ -106,8 +113,8 @@ class ByteRun:
         stored value: the ``cache:`` section's, or without one the model dtype's (None where
         it is unknown, such as ``auto``)."""
         cache = self.config.get("cache")
-        if cache is not None:
-            settings = CacheQuantization(cache["quantization"], cache.get("nbits"))
+        settings = CacheQuantization(cache["quantization"], cache.get("nbits")) if cache else None
+        if settings is not None and settings.active:
             return settings.quantization, settings.bits
         dtype = DTYPES.get(str(self.config["model"].get("dtype")))
         return "none", torch.finfo(dtype).bits if isinstance(dtype, torch.dtype) else None
@@ -196,7 +203,7 @@ def byte_budgets(found: list[ByteRun]) -> dict[tuple, list[ByteRun]]:
             bounds[key] = bound
     for key, runs in budgets.items():
         field, limit = bounds[key]
-        full = [r for r in found if r.group == key[:3] and r.metrics["budget"] == FULL]
+        full = [r for r in found if r.group == key[:3] and r.metrics["budget"] == FULL_BUDGET]
         runs += [r for r in full if r.held[field] <= limit]
     return budgets
 
@@ -262,6 +269,7 @@ def frontier_tables(runs: dict[Path, dict[str, Any]]) -> tuple[pd.DataFrame, pd.
 
 
 def bits_text(bits: Any) -> str:
+    """Bits per value as a Markdown cell: ``4``, or blank where unknown."""
     return "" if pd.isna(bits) else str(int(bits))
 
 

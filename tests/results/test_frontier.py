@@ -13,9 +13,11 @@ import yaml
 from capkv import Budget
 from capkv.engine.budget import ByteBudget
 from capkv.engine.quantization import CacheQuantization
+from capkv.results.frontier import ByteRun, best_of
 from capkv.results.metrics import write_metrics
 from capkv.results.store import CONFIG, EXAMPLES, ExampleLog, identity_directory, run_identity
 from capkv.results.tables import aggregate
+from capkv.results.uncertainty import Interval
 from capkv.tasks.base import Reporting
 
 MODEL = "org/tiny-0.5b"
@@ -196,6 +198,17 @@ def test_each_candidate_is_paired_with_the_best_and_each_method_with_capkv(
     text = (measured / "frontier_paired.md").read_text()
     line = "| kvfrac0.25 | full-q2-hqq | full | 2 | vs_best | capkv-q4-hqq | 8 | -25.0 [-25.0, -25.0] |"
     assert line in text
+
+
+def test_of_equal_scores_the_best_holds_fewer_bytes() -> None:
+    def candidate(method: str, held: float) -> ByteRun:
+        shares = {"kv_fraction_held": held, "kv_bytes_per_head_layer": 4096 * held}
+        return ByteRun({"method": method}, {}, "m", {}, Interval(50.0, 40.0, 60.0, 8), shares)
+
+    first, lighter = candidate("capkv", 0.25), candidate("snapkv", 0.2)
+    assert best_of([first, lighter]) is lighter
+    higher = ByteRun({"method": "h2o"}, {}, "m", {}, Interval(51.0, 40.0, 60.0, 8), first.held)
+    assert best_of([first, lighter, higher]) is higher
 
 
 def test_no_frontier_table_where_no_run_measured_bytes(tmp_path: Path) -> None:
