@@ -13,12 +13,14 @@ from capkv.figures.capacity import capacity_jobs
 from capkv.figures.curves import curve_jobs
 from capkv.figures.data import (
     interval_of,
+    load_frontier,
     load_length_buckets,
     load_long_generation,
     load_perplexity,
     load_tables,
     load_turns,
 )
+from capkv.figures.frontier import frontier_jobs
 from capkv.figures.heatmaps import heatmap_grid_jobs, heatmap_jobs
 from capkv.figures.length_buckets import length_jobs
 from capkv.figures.long_generation import long_generation_jobs
@@ -49,6 +51,7 @@ def draw_all(results_dir: str | Path, plots_dir: str | Path) -> list[Path]:
     jobs += [*perplexity_jobs(load_perplexity(results_dir), plots_dir)]
     jobs += [*length_jobs(load_length_buckets(results_dir), plots_dir)]
     jobs += [*turn_jobs(load_turns(results_dir), plots_dir)]
+    jobs += [*frontier_jobs(load_frontier(results_dir), plots_dir)]
     jobs += [*long_generation_jobs(load_long_generation(results_dir), plots_dir)]
     written = render_all(jobs) + draw_allocations(results_dir, plots_dir)
     return written + (task_tables(intervals, plots_dir) if not scores.empty else [])

@@ -1,10 +1,10 @@
 """The tables figures are drawn from: read from a results folder, never written here.
 
 ``make tables`` (:func:`capkv.results.tables.aggregate`) builds ``scores.csv``, ``needle.csv``,
-``intervals.csv`` (every headline with its bootstrap interval), ``perplexity.csv`` and
-``long_generation.csv`` and ``turns.csv`` from the run folders; drawing only reads them, after
-checking that they are what the run folders give now (a table older than a run's
-``metrics.json`` stops the drawing with what to run).
+``intervals.csv`` (every headline with its bootstrap interval), ``perplexity.csv``,
+``long_generation.csv``, ``turns.csv`` and ``frontier.csv`` from the run folders; drawing only
+reads them, after checking that they are what the run folders give now (a table older than a
+run's ``metrics.json`` stops the drawing with what to run).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from capkv.figures.style import is_full
-from capkv.results import length_buckets, long_generation, turns
+from capkv.results import frontier, length_buckets, long_generation, turns
 from capkv.results.metrics import is_long_generation, is_perplexity, load_metrics
 from capkv.results.store import IDENTITY_KEYS, RUN_KEYS, RUNS
 from capkv.results.tables import score_table
@@ -27,6 +27,7 @@ TABLES = (SCORES, NEEDLE, INTERVALS)
 PERPLEXITY = "perplexity.csv"  # folders with perplexity runs (capkv.results.perplexity) only
 LONGBENCH_E = f"{length_buckets.TABLE}.csv"  # folders with LongBench-E runs only
 TURNS = f"{turns.TABLE}.csv"  # folders with shared-context runs (capkv.results.turns) only
+FRONTIER = f"{frontier.TABLE}.csv"  # folders with byte-measured runs (capkv.results.frontier) only
 LONG_GENERATION = f"{long_generation.TABLE}.csv"  # folders with long-generation runs only
 NEEDLE_COLUMNS = [*IDENTITY_KEYS, "context_length", "depth", "prompt_tokens"]
 
@@ -124,6 +125,12 @@ def load_turns(results_dir: Path) -> pd.DataFrame:
     """``turns.csv`` of ``results_dir``: scores by question index of the shared-context runs
     (empty where there are none)."""
     return read_csv(results_dir / TURNS)
+
+
+def load_frontier(results_dir: Path) -> pd.DataFrame:
+    """``frontier.csv`` of ``results_dir``: score against KV bytes of the byte-measured runs
+    (empty where there are none)."""
+    return read_csv(results_dir / FRONTIER)
 
 
 def load_perplexity(results_dir: Path) -> pd.DataFrame:

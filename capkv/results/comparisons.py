@@ -167,6 +167,31 @@ def verdict(low: float, high: float, p_value: float) -> str:
     return "better" if low > 0 else "worse" if high < 0 else "tie"
 
 
+def paired_fields(
+    a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]
+) -> dict[str, Any] | None:
+    """A minus B paired over the examples both ran (stratum -> example id -> score, each;
+    :func:`capkv.results.uncertainty.compare`): ``n``, ``difference``, ``low``, ``high``,
+    ``p_value``, ``wins``, ``losses``, ``ties`` and ``verdict`` (:func:`verdict`), the fields
+    every paired table holds; None where they share no example."""
+    try:
+        result = compare(a, b)
+    except ValueError:
+        return None
+    difference = result.difference
+    return {
+        "n": difference.n,
+        "difference": difference.mean,
+        "low": difference.low,
+        "high": difference.high,
+        "p_value": result.p_value,
+        "wins": result.wins,
+        "losses": result.losses,
+        "ties": result.ties,
+        "verdict": verdict(difference.low, difference.high, result.p_value),
+    }
+
+
 def allocation_free(run_dir: Path) -> tuple[str, bool] | None:
     """A run's method section without its allocation keys (as sorted JSON-like text), and whether
     its allocation is the uniform one; None for a folder without a config."""
@@ -240,28 +265,12 @@ def paired_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
             for level, group, members in levels(sorted(ours[metric]), family_of):
                 a = {s: ours[metric][s] for s in members}
                 b = {s: theirs[metric].get(s, {}) for s in members}
-                try:
-                    result = compare(a, b)
-                except ValueError:  # no example in common
+                fields = paired_fields(a, b)
+                if fields is None:  # no example in common
                     continue
-                difference = result.difference
                 records.append(
-                    {
-                        **identity,
-                        "reference": reference["method"],
-                        "metric": metric,
-                        "level": level,
-                        "group": group,
-                        "n": difference.n,
-                        "difference": difference.mean,
-                        "low": difference.low,
-                        "high": difference.high,
-                        "p_value": result.p_value,
-                        "wins": result.wins,
-                        "losses": result.losses,
-                        "ties": result.ties,
-                        "verdict": verdict(difference.low, difference.high, result.p_value),
-                    }
+                    {**identity, "reference": reference["method"], "metric": metric}
+                    | {"level": level, "group": group, **fields}
                 )
     columns = [*IDENTITY_KEYS, "reference", "metric", "level", "group", "n", "difference"]
     columns += ["low", "high", "p_value", "wins", "losses", "ties", "verdict"]

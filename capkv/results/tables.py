@@ -1,6 +1,6 @@
 """Every run folder into tables: ``scores``, the main table (method x budget, with intervals),
-the needle rows, the intervals, the paired comparisons, perplexity, long generation and
-scores by turn, as CSV and Markdown (``python -m capkv.results [results]``).
+the needle rows, the intervals, the paired comparisons, perplexity, long generation, scores
+by turn and score against KV bytes, as CSV and Markdown (``python -m capkv.results [results]``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ from typing import Any
 
 import pandas as pd
 
-from capkv.results import comparisons, length_buckets, long_generation, perplexity, turns
+from capkv.results import (
+    comparisons,
+    frontier,
+    length_buckets,
+    long_generation,
+    perplexity,
+    turns,
+)
 from capkv.results.format import interval_markdown, markdown, with_identity_types
 from capkv.results.metrics import (
     DIAGNOSTICS,
@@ -30,13 +37,15 @@ from capkv.storage.locking import locked
 from capkv.tasks.base import Reporting
 
 # Tables written only where their kind of run is (perplexity, LongBench-E, long generation,
-# shared context).
+# shared context, byte-measured).
 OPTIONAL_TABLES = (
     "perplexity",
     length_buckets.TABLE,
     long_generation.TABLE,
     turns.TABLE,
     turns.PAIRED,
+    frontier.TABLE,
+    frontier.PAIRED,
 )
 
 
@@ -215,7 +224,9 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     ``perplexity.csv/.md``, where LongBench-E runs are, ``longbench_e.csv/.md`` (scores per
     length bucket), where long-generation runs are, ``long_generation.csv/.md`` (each
     continuation against the full cache's), where shared-context runs are, ``turns.csv/.md``
-    and ``turns_paired.csv/.md`` (scores by question index, :mod:`capkv.results.turns`) under
+    and ``turns_paired.csv/.md`` (scores by question index, :mod:`capkv.results.turns`), where
+    byte-measured runs are (quantized or byte-budgeted), ``frontier.csv/.md`` and
+    ``frontier_paired.csv/.md`` (score against KV bytes, :mod:`capkv.results.frontier`) under
     ``results_dir``; return the frames.
 
     The tables are a function of the run folders alone. One process rebuilds them at a time (a
@@ -247,6 +258,7 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
             long_generation.TABLE: long_generation.comparison_table(runs),
         }
         frames[turns.TABLE], frames[turns.PAIRED] = turns.turn_tables(ranked)
+        frames[frontier.TABLE], frames[frontier.PAIRED] = frontier.frontier_tables(ranked)
         incomplete = incomplete_cells(runs)
         note = "".join(f"\nIncomplete: {line}.\n" for line in incomplete)
         texts = {
@@ -259,6 +271,8 @@ def aggregate(results_dir: str | Path) -> dict[str, pd.DataFrame]:
             ),
             turns.TABLE: turns.turn_markdown(frames[turns.TABLE]),
             turns.PAIRED: turns.paired_turn_markdown(frames[turns.PAIRED]),
+            frontier.TABLE: frontier.frontier_markdown(frames[frontier.TABLE]),
+            frontier.PAIRED: frontier.paired_frontier_markdown(frames[frontier.PAIRED]),
             long_generation.TABLE: long_generation.long_generation_markdown(
                 frames[long_generation.TABLE]
             ),

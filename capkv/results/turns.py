@@ -38,13 +38,13 @@ from capkv.results.comparisons import (
     STATISTICS,
     in_id_order,
     paired_columns,
-    verdict,
+    paired_fields,
 )
 from capkv.results.format import interval_markdown, markdown, with_identity_types
 from capkv.results.metrics import run_reporting
 from capkv.results.order import run_order
 from capkv.results.store import IDENTITY_KEYS, finished_rows, method_label
-from capkv.results.uncertainty import RESAMPLES, compare, mean_interval
+from capkv.results.uncertainty import RESAMPLES, mean_interval
 
 TABLE = "turns"  # turns.csv, turns.md: folders with shared-context runs only
 PAIRED = "turns_paired"  # turns_paired.csv, turns_paired.md: likewise
@@ -177,26 +177,16 @@ def paired_record(
     a: dict[str, dict[str, float]],
     b: dict[str, dict[str, float]],
 ) -> dict[str, Any] | None:
-    """One row of ``turns_paired``: A minus B paired (:func:`capkv.results.uncertainty.compare`);
-    None where they share no example."""
-    try:
-        result = compare(a, b)
-    except ValueError:
+    """One row of ``turns_paired``: A minus B paired
+    (:func:`capkv.results.comparisons.paired_fields`); None where they share no example."""
+    fields = paired_fields(a, b)
+    if fields is None:
         return None
-    difference = result.difference
     return {key: scores.metrics[key] for key in IDENTITY_KEYS} | {
         "comparison": comparison,
         "reference": reference,
         "metric": scores.metric,
-        "n": difference.n,
-        "difference": difference.mean,
-        "low": difference.low,
-        "high": difference.high,
-        "p_value": result.p_value,
-        "wins": result.wins,
-        "losses": result.losses,
-        "ties": result.ties,
-        "verdict": verdict(difference.low, difference.high, result.p_value),
+        **fields,
     }
 
 
