@@ -37,6 +37,7 @@ from capkv.results.uncertainty import (
     SEED,
     bootstrap_headlines,
     compare,
+    examples_to_decide,
     mean_interval,
 )
 
@@ -167,13 +168,18 @@ def verdict(low: float, high: float, p_value: float) -> str:
     return "better" if low > 0 else "worse" if high < 0 else "tie"
 
 
+PAIRED_FIELDS = ["n", "difference", "low", "high", "p_value", "wins", "losses", "ties", "verdict"]
+PAIRED_FIELDS += ["n_to_decide"]  # examples that would decide the observed difference
+
+
 def paired_fields(
     a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]
 ) -> dict[str, Any] | None:
     """A minus B paired over the examples both ran (stratum -> example id -> score, each;
     :func:`capkv.results.uncertainty.compare`): ``n``, ``difference``, ``low``, ``high``,
-    ``p_value``, ``wins``, ``losses``, ``ties`` and ``verdict`` (:func:`verdict`), the fields
-    every paired table holds; None where they share no example."""
+    ``p_value``, ``wins``, ``losses``, ``ties``, ``verdict`` (:func:`verdict`) and
+    ``n_to_decide`` (:func:`capkv.results.uncertainty.examples_to_decide`): the fields every
+    paired table holds (:data:`PAIRED_FIELDS`); None where they share no example."""
     try:
         result = compare(a, b)
     except ValueError:
@@ -189,6 +195,7 @@ def paired_fields(
         "losses": result.losses,
         "ties": result.ties,
         "verdict": verdict(difference.low, difference.high, result.p_value),
+        "n_to_decide": examples_to_decide(difference),
     }
 
 
@@ -272,17 +279,23 @@ def paired_table(runs: dict[Path, dict[str, Any]]) -> pd.DataFrame:
                     {**identity, "reference": reference["method"], "metric": metric}
                     | {"level": level, "group": group, **fields}
                 )
-    columns = [*IDENTITY_KEYS, "reference", "metric", "level", "group", "n", "difference"]
-    columns += ["low", "high", "p_value", "wins", "losses", "ties", "verdict"]
-    frame = pd.DataFrame.from_records(records, columns=columns)
+    columns = [*IDENTITY_KEYS, "reference", "metric", "level", "group", *PAIRED_FIELDS]
+    frame = with_paired_types(pd.DataFrame.from_records(records, columns=columns))
     frame["budget_tokens"] = frame["budget_tokens"].astype("Int64")
+    return frame
+
+
+def with_paired_types(frame: pd.DataFrame) -> pd.DataFrame:
+    """A paired table with ``n_to_decide`` as whole numbers (empty where no number decides)."""
+    frame["n_to_decide"] = frame["n_to_decide"].astype("Int64")
     return frame
 
 
 def paired_columns(frame: pd.DataFrame) -> dict[str, Any]:
     """How a paired comparison reads in a Markdown table: the difference with its interval, the
-    sign-flip p, the examples won, lost and tied, and the verdict (one home for every paired
-    table: :mod:`capkv.results.turns` too)."""
+    sign-flip p, the examples won, lost and tied, the verdict, and the examples that would
+    decide the observed difference (one home for every paired table: :mod:`capkv.results.turns`
+    and :mod:`capkv.results.frontier` too)."""
     return {
         "difference [95% CI]": [
             with_interval(*values)
@@ -294,7 +307,13 @@ def paired_columns(frame: pd.DataFrame) -> dict[str, Any]:
             for w, lo, t in zip(frame["wins"], frame["losses"], frame["ties"], strict=True)
         ],
         "verdict": frame["verdict"],
+        "examples to decide": [decide_text(n) for n in frame["n_to_decide"]],
     }
+
+
+def decide_text(needed: Any) -> str:
+    """``n_to_decide`` as a table shows it: a count, or "never" for a difference of 0."""
+    return "never" if pd.isna(needed) else str(int(needed))
 
 
 def paired_markdown(paired: pd.DataFrame) -> str:

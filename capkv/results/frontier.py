@@ -39,11 +39,13 @@ from capkv.models.support import DTYPES
 from capkv.results.comparisons import (
     ALPHA,
     CAPKV,
+    PAIRED_FIELDS,
     STATISTICS,
     example_scores,
     in_id_order,
     paired_columns,
     paired_fields,
+    with_paired_types,
 )
 from capkv.results.format import interval_markdown, markdown, with_identity_types
 from capkv.results.order import run_order
@@ -67,8 +69,8 @@ PER_HEAD_LAYER = "kv_bytes_per_head_layer"
 BYTE_BUDGETS = {"kvfrac": ("kv_fraction", HELD), "kvbytes": ("kv_bytes", PER_HEAD_LAYER)}
 FRONTIER_COLUMNS = ["storage", "bits", "metric", "n", "score", "low", "high", HELD]
 FRONTIER_COLUMNS += [PER_HEAD_LAYER, "pareto"]
-PAIRED_COLUMNS = ["byte_budget", "storage", "bits", "comparison", "reference", "metric", "n"]
-PAIRED_COLUMNS += ["difference", "low", "high", "p_value", "wins", "losses", "ties", "verdict"]
+PAIRED_COLUMNS = ["byte_budget", "storage", "bits", "comparison", "reference", "metric"]
+PAIRED_COLUMNS += PAIRED_FIELDS
 
 
 @dataclass
@@ -257,7 +259,7 @@ def paired_frontier_table(found: list[ByteRun]) -> pd.DataFrame:
     ]
     frame = pd.DataFrame.from_records(records, columns=[*IDENTITY_KEYS, *PAIRED_COLUMNS])
     frame["bits"] = frame["bits"].astype("Int64")
-    return with_identity_types(frame)
+    return with_identity_types(with_paired_types(frame))
 
 
 def frontier_tables(runs: dict[Path, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:

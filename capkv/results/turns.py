@@ -35,10 +35,12 @@ import pandas as pd
 from capkv.results.comparisons import (
     ALPHA,
     CAPKV,
+    PAIRED_FIELDS,
     STATISTICS,
     in_id_order,
     paired_columns,
     paired_fields,
+    with_paired_types,
 )
 from capkv.results.format import interval_markdown, markdown, with_identity_types
 from capkv.results.metrics import run_reporting
@@ -52,8 +54,7 @@ TURN_VS_LATER = "turn1_vs_later"
 VS_CAPKV = "vs_capkv_later"
 LATER = "later turns"  # the reference of a turn-1 comparison
 TURN_COLUMNS = ["metric", "turn", "n", "score", "low", "high"]
-PAIRED_COLUMNS = ["comparison", "reference", "metric", "n", "difference", "low", "high"]
-PAIRED_COLUMNS += ["p_value", "wins", "losses", "ties", "verdict"]
+PAIRED_COLUMNS = ["comparison", "reference", "metric", *PAIRED_FIELDS]
 
 
 @dataclass
@@ -210,7 +211,7 @@ def paired_turn_table(shared: dict[Path, TurnScores]) -> pd.DataFrame:
         [record for record in records if record is not None],
         columns=[*IDENTITY_KEYS, *PAIRED_COLUMNS],
     )
-    return with_identity_types(frame)
+    return with_identity_types(with_paired_types(frame))
 
 
 def turn_tables(runs: dict[Path, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -17,8 +17,10 @@ positive).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -114,6 +116,31 @@ def mean_interval(
 ) -> Interval:
     """The headline mean of ``strata`` (stratum name -> per-example scores) and its interval."""
     return _interval(strata, bootstrap_headlines(strata, resamples, seed), confidence)
+
+
+POWER = 0.8  # the chance a study of the estimated size decides an effect of the observed size
+
+
+def examples_to_decide(
+    difference: Interval, confidence: float = CONFIDENCE, power: float = POWER
+) -> int | None:
+    """Examples a paired comparison needs for its interval to exclude 0 with probability
+    ``power``, were the true difference the observed mean and the spread the observed one: the
+    usual normal-approximation sample size, ``n x ((z_(1-a/2) + z_power) x se / |mean|)^2``,
+    with the standard error ``se`` read off the bootstrap interval (half its width over
+    ``z_(1-a/2)``), so strata are weighted as the headline weights them. None where the mean
+    difference is 0 (no number of examples decides it; below 1e-9 on the 0-100 scale, the
+    rounding of a mean of equal scores)."""
+    if abs(difference.mean) < 1e-9:
+        return None
+    normal = NormalDist()
+    z_interval = normal.inv_cdf(1 - (1 - confidence) / 2)
+    standard_error = difference.half_width / z_interval
+    needed = (
+        difference.n
+        * ((z_interval + normal.inv_cdf(power)) * standard_error / difference.mean) ** 2
+    )
+    return max(1, math.ceil(needed))
 
 
 def paired_differences(a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapping[str, float]]):

@@ -87,3 +87,15 @@ def test_sign_flip_p_value_is_exact_in_the_limit_for_all_equal_differences():
     # All of 8 differences positive: only 2 of 2^8 sign patterns are as extreme.
     p_value = sign_flip_p_value({"": [1.0] * 8}, resamples=20000)
     assert p_value == pytest.approx(2 / 2**8, abs=0.005)
+
+
+def test_examples_to_decide_follow_the_observed_spread_and_effect():
+    from capkv.results.uncertainty import Interval, examples_to_decide
+
+    # se = 1.96 / 1.96 = 1; n x ((1.96 + 0.84) / 2)^2 = 10 x 1.96 = 19.6 -> 20
+    assert examples_to_decide(Interval(mean=2.0, low=0.04, high=3.96, n=10)) == 20
+    # a wider interval at the same effect needs more; a decided one already has enough
+    assert examples_to_decide(Interval(mean=2.0, low=-2.0, high=6.0, n=10)) > 20
+    assert examples_to_decide(Interval(mean=5.0, low=4.0, high=6.0, n=10)) <= 10
+    assert examples_to_decide(Interval(mean=0.0, low=-1.0, high=1.0, n=10)) is None
+    assert examples_to_decide(Interval(mean=1e-14, low=-1.0, high=1.0, n=10)) is None
