@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from capkv.engine.allocation import is_ragged, kept_mask
 from capkv.engine.hooks import (
@@ -144,6 +145,68 @@ def per_layer_masks(model: PreTrainedModel) -> Iterator[None]:
         yield
 
 
+class RoomyLayer(DynamicLayer):
+    """A :class:`DynamicLayer` whose keys and values are the first tokens of longer buffers.
+
+    Appending a token writes it into the buffers' next free slot instead of copying the whole
+    layer (``DynamicLayer.update`` concatenates, which at 4k cached tokens is most of a CPU
+    decoding step). The keys and values read are equal tensors either way, only their head
+    stride differs. When the buffers are full, or the layer's states were replaced from outside
+    (an eviction, a batch selection), it appends as a :class:`DynamicLayer` does.
+    """
+
+    key_buffer: torch.Tensor
+    value_buffer: torch.Tensor
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``key_states`` and ``value_states`` (B, H_kv, n, d); return the whole layer."""
+        length = self.keys.shape[-2]
+        end = length + key_states.shape[-2]
+        if not (
+            self.in_buffer(self.keys, self.key_buffer, end)
+            and self.in_buffer(self.values, self.value_buffer, end)
+        ):
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.key_buffer[..., length:end, :].copy_(key_states)
+        self.value_buffer[..., length:end, :].copy_(value_states)
+        self.keys = self.key_buffer[..., :end, :]
+        self.values = self.value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    @staticmethod
+    def in_buffer(states: torch.Tensor, buffer: torch.Tensor, end: int) -> bool:
+        """Whether ``states`` are the first tokens of ``buffer`` and it holds ``end`` tokens."""
+        return (
+            states.data_ptr() == buffer.data_ptr()
+            and states.shape[:2] == buffer.shape[:2]
+            and states.stride() == buffer.stride()
+            and end <= buffer.shape[-2]
+        )
+
+
+def with_room(states: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A buffer (B, H_kv, n + ``tokens``, d) starting with ``states`` (B, H_kv, n, d), and the
+    view of ``states`` in it."""
+    batch, heads, length, dim = states.shape
+    buffer = states.new_empty(batch, heads, length + tokens, dim)
+    buffer[..., :length, :].copy_(states)
+    return buffer, buffer[..., :length, :]
+
+
+def reserve_room(cache: Cache, tokens: int) -> None:
+    """Give every filled plain :class:`DynamicLayer` of ``cache`` room for ``tokens`` more
+    tokens (it becomes a :class:`RoomyLayer`, its other attributes kept), in place; other
+    layers (quantized, sliding, empty) are left as they are."""
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer or layer.keys is None or layer.keys.numel() == 0:
+            continue
+        layer.key_buffer, layer.keys = with_room(layer.keys, tokens)
+        layer.value_buffer, layer.values = with_room(layer.values, tokens)
+        layer.__class__ = RoomyLayer
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: PreTrainedModel,
@@ -185,6 +248,7 @@ def greedy_generate(
     device = model.device
     generated: list[int] = []
     position = start_position
+    reserve_room(cache, max_new_tokens + (0 if input_ids is None else input_ids.shape[1]))
     with per_layer_masks(model):
         while len(generated) < max_new_tokens:
             if input_ids is not None:
