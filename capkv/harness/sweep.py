@@ -157,7 +157,7 @@ def run_sweep(
             measured = measure(model, full_cache, prompt, protocol, last_logits, records, probe)
             prefill_seconds = (time.perf_counter() - start) / len(pending)
             outputs = {}  # cell index: (prediction, decoding seconds)
-            groups = decoding_groups(records) if batched else [[i] for i in range(len(pending))]
+            groups = decoding_groups(records) if batched else [list(range(len(pending)))]
             for group in groups:
                 start = time.perf_counter()
                 caches = [

@@ -98,3 +98,19 @@ def test_replaced_states_append_by_concatenating():
     assert keys.shape[-2] == values.shape[-2] == 3  # an eviction's states, then the new token
     assert keys.data_ptr() != layer.key_buffer.data_ptr()
     assert torch.equal(keys[..., 2, :], torch.full((1, 2, 8), 2.0))
+
+
+def test_room_is_reserved_again_when_too_little_is_left():
+    layer = DynamicLayer()
+    layer.update(torch.ones(1, 2, 4, 8), torch.ones(1, 2, 4, 8))
+    cache = DynamicCache()
+    cache.layers = [layer]
+    reserve_room(cache, 1)
+    first = layer.key_buffer
+    reserve_room(cache, 1)  # room enough: the same buffers
+    assert layer.key_buffer is first
+    reserve_room(cache, 3)
+    assert layer.key_buffer.shape[-2] == 4 + 3
+    assert torch.equal(layer.keys, torch.ones(1, 2, 4, 8))
+    layer.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
+    assert layer.keys.data_ptr() == layer.key_buffer.data_ptr()
