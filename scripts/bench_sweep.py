@@ -243,7 +243,7 @@ PHASES = {  # (file suffix, function): phase, the cumulative times of today's sw
     ("harness/sweep.py", "measure"): "attention error (diagnostics)",
     ("engine/compression.py", "gathered_cache"): "gathering each cell's cache",
     ("engine/decoding.py", "greedy_generate"): "decoding (19 cells)",
-    ("~", "<built-in method torch.cat>"): "  of which torch.cat (cache appends, RoPE)",
+    ("~", "<built-in method torch.cat>"): "torch.cat anywhere (mostly cache appends)",
     ("harness/runner.py", "result_row"): "metrics (scores, row)",
     ("harness/runner.py", "append"): "writing rows",
     ("harness/runner.py", "close"): "writing metrics.json",
