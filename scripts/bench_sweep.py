@@ -297,8 +297,12 @@ def compare_ruler(tokens: int, subtasks: list[str], profile: bool) -> None:
         totals = [0.0, 0.0]
         for subtask in subtasks:
             with todays_decoding():
-                old = timed_sweep(model, tokenizer, ruler_plan(subtask, tokens, Path(tmp, "old")))
-            new = timed_sweep(model, tokenizer, ruler_plan(subtask, tokens, Path(tmp, "new")))
+                old = timed_sweep(
+                    model, tokenizer, ruler_plan(subtask, tokens, Path(tmp, "old", subtask))
+                )
+            new = timed_sweep(
+                model, tokenizer, ruler_plan(subtask, tokens, Path(tmp, "new", subtask))
+            )
             totals = [totals[0] + old, totals[1] + new]
             print(f"| {subtask} | {old:.1f} | {new:.1f} | {old / new:.2f} |")
         print(f"| all | {totals[0]:.1f} | {totals[1]:.1f} | {totals[0] / totals[1]:.2f} |")
