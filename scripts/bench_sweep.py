@@ -21,20 +21,36 @@ Target (issue 4): sweep mode at least 8x faster than separate runs and than kvpr
 
 With ``--decode-batch`` it times sweep mode twice instead, its cells decoded one by one and as
 padded batches (``decode_batch=true``), and says whether the predictions are identical.
+
+With ``--ruler`` it runs the cells of ``python run.py experiment=ruler`` (19 cells, diagnostics
+on) on one RULER prompt per subtask at ``--tokens`` tokens, twice per prompt, interleaved: with
+today's decoding (each cell one after the other, appending by concatenation: the code before
+issue 29, restored here by patching) and with the current one (``RoomyLayer`` room and lockstep
+decoding). It prints both times per prompt and their ratio, and checks that every row (the
+``seconds`` field aside) is identical. With ``--profile`` it profiles one sweep of today's path
+per prompt instead (cProfile) and prints where its time goes.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_sweep.py --ruler [--profile] [--tokens 4096]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 from transformers import DynamicCache
 
 from baselines import H2O, PyramidKV, SnapKV, StreamingLLM
 from capkv import Budget, CapKV
+from capkv.engine import decoding
+from capkv.harness import runner as harness_runner
 from capkv.harness.runner import (
     Cell,
     answer_under,
@@ -154,6 +170,145 @@ def compare_decoding(tokens: int, depths: list[float]) -> None:
     print(f"\nbatched predictions identical to one by one: {same}")
 
 
+RULER_SUBTASKS = (
+    "niah_single",
+    "niah_multikey",
+    "niah_multivalue",
+    "niah_multiquery",
+    "vt",
+    "cwe",
+    "fwe",
+)
+
+
+def ruler_plan(subtask: str, tokens: int, results_dir: Path):
+    """The plan ``python run.py experiment=ruler`` makes, for the first prompt of one subtask."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from capkv.harness.plan import CONF_DIR, plan_run
+
+    overrides = [
+        "experiment=ruler",
+        f"task.context_lengths=[{tokens}]",
+        "task.num_examples=1",
+        f"task.subtasks=[{subtask}]",
+        f"results_dir={results_dir}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        HydraConfig.instance().set_config(
+            compose("config", overrides=overrides, return_hydra_config=True)
+        )
+        return plan_run(compose("config", overrides=overrides))
+
+
+def one_by_one(model, caches, start, max_new_tokens, stops, **fed) -> list[list[int]]:
+    return [decoding.greedy_generate(model, c, start, max_new_tokens, stops, **fed) for c in caches]
+
+
+@contextmanager
+def todays_decoding():
+    """Decoding as before issue 29: cells one after the other, every token concatenated."""
+    with (
+        mock.patch.object(decoding, "reserve_room", lambda cache, tokens: None),
+        mock.patch.object(harness_runner, "lockstep_greedy_generate", one_by_one),
+    ):
+        yield
+
+
+def timed_sweep(model, tokenizer, plan) -> float:
+    start = time.perf_counter()
+    run_sweep(model, tokenizer, plan.task, plan.cells, plan.protocol, diagnostics=plan.diagnostics)
+    return time.perf_counter() - start
+
+
+def same_rows(first: Path, second: Path) -> bool:
+    """Whether two results folders hold the same rows, ``seconds`` aside."""
+    paths = sorted(p.relative_to(first) for p in first.rglob("examples*.jsonl"))
+    rows = [
+        [{k: v for k, v in r.items() if k != "seconds"} for r in finished_rows((root / p).parent)]
+        for root in (first, second)
+        for p in paths
+    ]
+    return bool(paths) and rows[: len(paths)] == rows[len(paths) :]
+
+
+PHASES = {  # (file suffix, function): phase, the cumulative times of today's sweep
+    ("harness/runner.py", "prefill"): "prefill (forward, scoring, capacity probe)",
+    ("baselines/h2o.py", "score"): "  of which H2O scoring",
+    ("baselines/snapkv.py", "score"): "  of which SnapKV/PyramidKV scoring",
+    ("capkv/cap.py", "score"): "  of which CapKV scoring",
+    ("capkv/engine/method.py", "kept_indices"): "  of which top-k per budget",
+    ("analysis/diagnostics.py", "on_layer"): "  of which capacity probe (diagnostics)",
+    ("harness/sweep.py", "measure"): "attention error (diagnostics)",
+    ("engine/compression.py", "gathered_cache"): "gathering each cell's cache",
+    ("engine/decoding.py", "greedy_generate"): "decoding (19 cells)",
+    ("~", "<built-in method torch.cat>"): "torch.cat anywhere (mostly cache appends)",
+    ("harness/runner.py", "result_row"): "metrics (scores, row)",
+    ("harness/runner.py", "append"): "writing rows",
+    ("harness/runner.py", "close"): "writing metrics.json",
+}
+
+
+def phase_seconds(profile: pstats.Stats) -> dict[str, float]:
+    """Cumulative seconds of each phase of :data:`PHASES` in ``profile``."""
+    seconds = dict.fromkeys(PHASES.values(), 0.0)
+    for (path, _, function), (_, _, _, cumulative, _) in profile.stats.items():
+        for (suffix, name), phase in PHASES.items():
+            if path.endswith(suffix) and function == name:
+                seconds[phase] += cumulative
+    return seconds
+
+
+def profile_ruler(model, tokenizer, tokens: int, subtasks: list[str], folder: Path) -> None:
+    """Where today's sweep spends its time on one prompt per subtask (cProfile)."""
+    total = 0.0
+    phases: dict[str, float] = {}
+    for subtask in subtasks:
+        plan = ruler_plan(subtask, tokens, folder / subtask)
+        profiler = cProfile.Profile()
+        with todays_decoding():
+            profiler.enable()
+            seconds = timed_sweep(model, tokenizer, plan)
+            profiler.disable()
+        total += seconds
+        for phase, value in phase_seconds(pstats.Stats(profiler)).items():
+            phases[phase] = phases.get(phase, 0.0) + value
+        print(f"{subtask}: {seconds:.1f} s")
+    print("\n| phase | seconds | share |\n|---|---:|---:|")
+    for phase, value in phases.items():
+        print(f"| {phase} | {value:.1f} | {value / total:.1%} |")
+    print(f"| whole sweep | {total:.1f} | 100% |")
+
+
+def compare_ruler(tokens: int, subtasks: list[str], profile: bool) -> None:
+    """Today's against the current sweep of the 19 RULER cells, one prompt per subtask."""
+    model, tokenizer = load_model("smollm2-135m", dtype="float32", attn_implementation="sdpa")
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = ruler_plan(subtasks[0], tokens, Path(tmp, "warm-up"))
+        _, prompt = prepared_examples(model, tokenizer, plan.task).prepared[0]
+        with torch.inference_mode():
+            prefill(model, prefill_ids(prompt, PROTOCOL), DynamicCache())  # warm-up
+        if profile:
+            profile_ruler(model, tokenizer, tokens, subtasks, Path(tmp))
+            return
+        print(f"\nSmolLM2-135M-Instruct, RULER at {tokens} tokens, 19 cells, diagnostics on")
+        print("| subtask | today (s) | now (s) | ratio |\n|---|---:|---:|---:|")
+        totals = [0.0, 0.0]
+        for subtask in subtasks:
+            with todays_decoding():
+                old = timed_sweep(
+                    model, tokenizer, ruler_plan(subtask, tokens, Path(tmp, "old", subtask))
+                )
+            new = timed_sweep(
+                model, tokenizer, ruler_plan(subtask, tokens, Path(tmp, "new", subtask))
+            )
+            totals = [totals[0] + old, totals[1] + new]
+            print(f"| {subtask} | {old:.1f} | {new:.1f} | {old / new:.2f} |")
+        print(f"| all | {totals[0]:.1f} | {totals[1]:.1f} | {totals[0] / totals[1]:.2f} |")
+        print(f"\nrows identical (seconds aside): {same_rows(Path(tmp, 'old'), Path(tmp, 'new'))}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="needle context length")
@@ -161,7 +316,13 @@ def main() -> None:
     parser.add_argument(
         "--decode-batch", action="store_true", help="time one-by-one against batched decoding"
     )
+    parser.add_argument("--ruler", action="store_true", help="today's against the current sweep")
+    parser.add_argument("--profile", action="store_true", help="with --ruler: profile today's")
+    parser.add_argument("--subtasks", nargs="+", default=list(RULER_SUBTASKS))
     args = parser.parse_args()
+    if args.ruler:
+        compare_ruler(args.tokens, args.subtasks, args.profile)
+        return
     if args.decode_batch:
         compare_decoding(args.tokens, args.depths)
         return

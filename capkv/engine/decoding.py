@@ -22,13 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from capkv.engine.allocation import is_ragged, kept_mask
 from capkv.engine.hooks import (
+    CACHE_ARGUMENTS,
+    POSITION_EMBEDDINGS_ARGUMENT,
     attention_layers,
+    decoder,
     forward_hooks,
     hidden_states_of,
     layer_cache,
+    mismatch,
     run_with_cache,
 )
 
@@ -144,6 +149,78 @@ def per_layer_masks(model: PreTrainedModel) -> Iterator[None]:
         yield
 
 
+class RoomyLayer(DynamicLayer):
+    """A :class:`DynamicLayer` whose keys and values are the first tokens of longer buffers.
+
+    Appending a token writes it into the buffers' next free slot instead of copying the whole
+    layer (``DynamicLayer.update`` concatenates, which at 4k cached tokens is most of a CPU
+    decoding step). The keys and values read are equal tensors either way, only their head
+    stride differs. When the buffers are full, or the layer's states were replaced from outside
+    (an eviction, a batch selection), it appends as a :class:`DynamicLayer` does.
+    """
+
+    key_buffer: torch.Tensor
+    value_buffer: torch.Tensor
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``key_states`` and ``value_states`` (B, H_kv, n, d); return the whole layer."""
+        if not has_room(self, key_states.shape[-2]):
+            return super().update(key_states, value_states, *args, **kwargs)
+        length = self.keys.shape[-2]
+        end = length + key_states.shape[-2]
+        self.key_buffer[..., length:end, :].copy_(key_states)
+        self.value_buffer[..., length:end, :].copy_(value_states)
+        self.keys = self.key_buffer[..., :end, :]
+        self.values = self.value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    @staticmethod
+    def in_buffer(states: torch.Tensor, buffer: torch.Tensor, end: int) -> bool:
+        """Whether ``states`` are the first tokens of ``buffer`` and it holds ``end`` tokens."""
+        return (
+            states.data_ptr() == buffer.data_ptr()
+            and states.shape[:2] == buffer.shape[:2]
+            and states.stride() == buffer.stride()
+            and end <= buffer.shape[-2]
+        )
+
+
+def with_room(states: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A buffer (B, H_kv, n + ``tokens``, d) starting with ``states`` (B, H_kv, n, d), and the
+    view of ``states`` in it."""
+    batch, heads, length, dim = states.shape
+    buffer = states.new_empty(batch, heads, length + tokens, dim)
+    buffer[..., :length, :].copy_(states)
+    return buffer, buffer[..., :length, :]
+
+
+def reserve_room(cache: Cache, tokens: int) -> None:
+    """Give every filled plain :class:`DynamicLayer` of ``cache`` room for ``tokens`` more
+    tokens (it becomes a :class:`RoomyLayer`, its other attributes kept), in place; a
+    :class:`RoomyLayer` with too little room left gets new buffers. Other layers (quantized,
+    sliding, empty) are left as they are."""
+    for layer in cache.layers:
+        if type(layer) not in (DynamicLayer, RoomyLayer) or layer.keys is None:
+            continue
+        if layer.keys.numel() == 0 or has_room(layer, tokens):
+            continue
+        layer.key_buffer, layer.keys = with_room(layer.keys, tokens)
+        layer.value_buffer, layer.values = with_room(layer.values, tokens)
+        layer.__class__ = RoomyLayer
+
+
+def has_room(layer: DynamicLayer, tokens: int) -> bool:
+    """Whether ``layer`` is a :class:`RoomyLayer` that can append ``tokens`` into its buffers."""
+    if not isinstance(layer, RoomyLayer):
+        return False
+    end = layer.keys.shape[-2] + tokens
+    return layer.in_buffer(layer.keys, layer.key_buffer, end) and layer.in_buffer(
+        layer.values, layer.value_buffer, end
+    )
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: PreTrainedModel,
@@ -185,6 +262,7 @@ def greedy_generate(
     device = model.device
     generated: list[int] = []
     position = start_position
+    reserve_room(cache, max_new_tokens + (0 if input_ids is None else input_ids.shape[1]))
     with per_layer_masks(model):
         while len(generated) < max_new_tokens:
             if input_ids is not None:
@@ -204,6 +282,160 @@ def greedy_generate(
             if token in eos_token_ids:
                 break
             input_ids = torch.tensor([[token]], device=device)
+    return generated
+
+
+# Lockstep decoding: the cells of one example decode one by one, interleaved layer by layer.
+
+BATCH_FIRST_ARGUMENTS = ("attention_mask", "position_ids")  # per row; and the RoPE tables
+
+
+def row_arguments(kwargs: dict, row: int, rows: int, cache: Cache) -> dict:
+    """A decoder layer's keyword arguments for row ``row`` of a batch of ``rows``: its slice of
+    every per-row tensor (one of batch 1 broadcasts, as is) and its own ``cache`` under the
+    name the layer received a cache by."""
+    names = [name for name in CACHE_ARGUMENTS if kwargs.get(name) is not None]
+    if not names:
+        raise mismatch(f"A decoder layer got no cache (its arguments: {', '.join(sorted(kwargs))})")
+    arguments = {**kwargs, names[0]: cache}
+    for name in BATCH_FIRST_ARGUMENTS:
+        arguments[name] = row_of(kwargs.get(name), row, rows)
+    tables = kwargs.get(POSITION_EMBEDDINGS_ARGUMENT)
+    if tables is not None:
+        arguments[POSITION_EMBEDDINGS_ARGUMENT] = tuple(row_of(t, row, rows) for t in tables)
+    return arguments
+
+
+def row_of(value, row: int, rows: int):
+    """Row ``row`` of a tensor of ``rows`` rows; anything else (None, a tensor of one row that
+    broadcasts) as it is."""
+    if isinstance(value, torch.Tensor) and rows > 1 and value.shape[0] == rows:
+        return value[row : row + 1]
+    return value
+
+
+def rows_forward(original):
+    """A forward that runs ``original`` on every row of its input as a batch of 1."""
+
+    def forward(states: torch.Tensor) -> torch.Tensor:
+        return torch.cat([original(states[row : row + 1]) for row in range(states.shape[0])])
+
+    return forward
+
+
+def lockstep_layer_forward(layer: nn.Module, caches: list[Cache]):
+    """A Llama-family decoder layer's forward over a batch of rows, row ``i`` on ``caches[i]``:
+    the attention block (norm, attention) row by row as batch 1, the residual sums and the MLP
+    block on the batch (their linear layers and norm patched to run row by row)."""
+
+    def forward(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        rows = len(caches)
+        attended = [
+            layer.self_attn(
+                hidden_states=layer.input_layernorm(hidden_states[row : row + 1]),
+                **row_arguments(kwargs, row, rows, cache),
+            )[0]
+            for row, cache in enumerate(caches)
+        ]
+        hidden_states = hidden_states + torch.cat(attended)
+        return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+
+    return forward
+
+
+@contextmanager
+def row_by_row(model: PreTrainedModel, caches: list[Cache]) -> Iterator[None]:
+    """While active, a forward of a batch computes every row as batch-1 decoding would, row
+    ``i`` on ``caches[i]`` (a list the caller may shorten between forwards): every attention
+    block runs one row at a time on its row's cache, every linear layer and norm runs each row
+    as a batch of 1, one row after the other, and only elementwise operations (the embedding
+    lookup, RoPE tables, activations, residual sums) run on the batch. A weight matrix is thus
+    read for every row in turn while it is in the CPU's cache."""
+    stack = decoder(model)
+    patched = {}
+    for layer in stack.layers:
+        patched[layer] = lockstep_layer_forward(layer, caches)
+        patched[layer.post_attention_layernorm] = rows_forward(
+            layer.post_attention_layernorm.forward
+        )
+        for module in layer.mlp.modules():
+            if isinstance(module, nn.Linear):
+                patched[module] = rows_forward(module.forward)
+    for module in (stack.norm, model.get_output_embeddings()):
+        patched[module] = rows_forward(module.forward)
+    own = {m: m.__dict__["forward"] for m in patched if "forward" in m.__dict__}
+    try:
+        for module, forward in patched.items():
+            module.forward = forward
+        yield
+    finally:
+        for module in patched:
+            if module in own:
+                module.forward = own[module]
+            else:
+                del module.forward
+
+
+@torch.inference_mode()
+def lockstep_greedy_generate(
+    model: PreTrainedModel,
+    caches: Sequence[Cache],
+    start_position: int,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int] = (),
+    input_ids: torch.Tensor | None = None,
+    next_token_logits: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """:func:`greedy_generate` of several caches of one prompt, bit for bit, but faster on a CPU.
+
+    Each step feeds the caches still decoding as the rows of one batch, but every decoder
+    layer, the final norm and the LM head run one row at a time (:func:`row_by_row`): each
+    row's operations are those of batch-1 decoding on its own cache, so its tokens are those of
+    :func:`greedy_generate` for that cache alone, while each layer's weights are read once per
+    step for every cache instead of once per cache. A cache that emits a stop token leaves.
+    Memory holds every cache at once.
+
+    Returns
+    -------
+    list of list of int
+        The generated token ids of each cache, in the order of ``caches``.
+    """
+    if (input_ids is None) == (next_token_logits is None):
+        raise ValueError(
+            "Pass exactly one of input_ids and next_token_logits to lockstep_greedy_generate."
+        )
+    device = model.device
+    extra = 0 if input_ids is None else input_ids.shape[1]
+    for cache in caches:
+        reserve_room(cache, max_new_tokens + extra)
+    generated: list[list[int]] = [[] for _ in caches]
+    alive = list(range(len(caches)))  # the cache behind each row
+    rows = [caches[i] for i in alive]
+    position = start_position
+    logits = None if next_token_logits is None else [next_token_logits] * len(caches)
+    with per_layer_masks(model), row_by_row(model, rows):
+        while alive and max_new_tokens > 0:
+            if input_ids is not None:
+                n_new = input_ids.shape[1]
+                positions = torch.arange(position, position + n_new, device=device)
+                logits = run_with_cache(
+                    model,
+                    input_ids.to(device).expand(len(alive), -1),
+                    rows[0],
+                    position_ids=positions.expand(len(alive), -1),
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]
+                position += n_new
+            tokens = [int(row_logits.argmax()) for row_logits in logits]
+            keep = []
+            for row, (index, token) in enumerate(zip(alive, tokens, strict=True)):
+                generated[index].append(token)
+                if token not in eos_token_ids and len(generated[index]) < max_new_tokens:
+                    keep.append(row)
+            alive = [alive[row] for row in keep]
+            rows[:] = [caches[i] for i in alive]
+            input_ids = torch.tensor([tokens[row] for row in keep], device=device).view(-1, 1)
     return generated
 
 

@@ -18,7 +18,11 @@ from transformers import Cache, DynamicCache, PreTrainedModel
 
 from capkv.engine.budget import Budget
 from capkv.engine.compression import CompressionRecord, evict
-from capkv.engine.decoding import batched_greedy_generate, greedy_generate
+from capkv.engine.decoding import (
+    batched_greedy_generate,
+    greedy_generate,
+    lockstep_greedy_generate,
+)
 from capkv.engine.hooks import run_with_cache
 from capkv.engine.kv_bytes import REFERENCE_BITS, held_bytes, per_head_layer
 from capkv.engine.method import EvictionMethod
@@ -75,16 +79,17 @@ def decode(
     max_new_tokens: int,
     batched: bool = False,
 ) -> list[str]:
-    """Greedy answers from prefilled (compressed) caches of one prompt, under ``protocol``: one
-    by one, or with ``batched`` as one padded batch (sweep mode's ``decode_batch``)."""
+    """Greedy answers from prefilled (compressed) caches of one prompt, under ``protocol``: each
+    exactly as alone (several in lockstep, :func:`capkv.engine.decoding.lockstep_greedy_generate`),
+    or with ``batched`` as one padded batch (sweep mode's ``decode_batch``)."""
     start, fed = decoding_start(prompt, protocol, last_logits)
     stops = stop_token_ids(model, tokenizer)
-    if batched and len(caches) > 1:
+    if len(caches) == 1:
+        generated = [greedy_generate(model, caches[0], start, max_new_tokens, stops, **fed)]
+    elif batched:
         generated = batched_greedy_generate(model, caches, start, max_new_tokens, stops, **fed)
     else:
-        generated = [
-            greedy_generate(model, cache, start, max_new_tokens, stops, **fed) for cache in caches
-        ]
+        generated = lockstep_greedy_generate(model, caches, start, max_new_tokens, stops, **fed)
     return [answer_text(tokenizer, tokens) for tokens in generated]
 
 

@@ -4,17 +4,20 @@ Prefill-time eviction does not change the prefill's hidden states, so a single p
 every method's scoring decides the kept tokens of every cell (:func:`capkv.engine.compression.record_kept`).
 Each cell then decodes from its own cache, gathered from the one full cache, and writes the
 same rows into the same run directory as a separate run of that cell would. Memory holds one
-full cache, the kept indices of every cell, and the cache of the cell being decoded.
+full cache, the kept indices of every cell, and the caches of the example's cells while they
+decode.
 
-By default on the CPU, cells are decoded one after the other, not as one padded batch: a batch
-changes the order of floating-point reductions (matrix-matrix instead of matrix-vector products
-in every linear layer, padded softmax rows), so a greedy token at a near-tie could differ from
-the separate run's, and there the sweep gives exactly the separate runs' outputs. On a GPU,
-decoding one cell at a time leaves the device idle (batch 1 is bound by per-step overhead), so
-by default the cells of an example decode together (``decode_batch``,
-:func:`capkv.engine.decoding.batched_greedy_generate`): their caches padded per layer and masked, in
-groups whose padding stays below half their real tokens, each row leaving its batch when it
-stops. Memory then holds the caches of a whole group at once.
+By default on the CPU, the cells of an example decode in lockstep
+(:func:`capkv.engine.decoding.lockstep_greedy_generate`), not as one padded batch: every row's
+linear layers, norms and attention run as batch 1, one row after the other, so each cell's
+tokens are exactly the separate run's while each weight is read once per step for all cells. A
+padded batch changes the order of floating-point reductions (matrix-matrix instead of
+matrix-vector products in every linear layer, padded softmax rows), so a greedy token at a
+near-tie could differ from the separate run's. On a GPU, batch-1 work leaves the device idle
+(it is bound by per-step overhead), so by default the cells of an example decode together
+(``decode_batch``, :func:`capkv.engine.decoding.batched_greedy_generate`): their caches padded per
+layer and masked, in groups whose padding stays below half their real tokens, each row leaving
+its batch when it stops.
 """
 
 from __future__ import annotations
@@ -121,15 +124,15 @@ def run_sweep(
     """Run every example that some cell has not finished; return each cell's metrics.
 
     Per example: one prefill records the kept tokens of the cells still to do, then each of
-    those cells decodes from its gathered cache (one by one, or with ``decode_batch`` in padded
-    batches; None: batched on CUDA only) and appends its row. With ``diagnostics``, each
+    those cells decodes from its gathered cache (all in lockstep, exactly as one by one, or with
+    ``decode_batch`` in padded batches; None: batched on CUDA only) and appends its row. With ``diagnostics``, each
     row also holds the retained capacity fraction and the attention-output error of its kept
     set (:mod:`capkv.analysis.diagnostics`). The cells' logs name one shard of examples (all of them
     by default); only its examples run, each for every cell.
     """
     check_protocol(protocol)
     (shard,) = {cell.log.shard for cell in cells}
-    # A batch pads full-precision caches together; quantized ones decode one by one.
+    # A batch pads full-precision caches together; quantized ones decode in lockstep.
     quantized = any(cell.quantization.active for cell in cells)
     batched = uses_batched_decoding(model, decode_batch) and not quantized
     plan = prepared_examples(model, tokenizer, task, shard)
@@ -157,7 +160,7 @@ def run_sweep(
             measured = measure(model, full_cache, prompt, protocol, last_logits, records, probe)
             prefill_seconds = (time.perf_counter() - start) / len(pending)
             outputs = {}  # cell index: (prediction, decoding seconds)
-            groups = decoding_groups(records) if batched else [[i] for i in range(len(pending))]
+            groups = decoding_groups(records) if batched else [list(range(len(pending)))]
             for group in groups:
                 start = time.perf_counter()
                 caches = [
