@@ -30,9 +30,9 @@ Memory is the cache's own bytes, measured from its tensors
 (:func:`capkv.engine.kv_bytes.held_bytes`: packed data, scales, zero points, the residual) right
 after the quantization and again at the end of decoding, each compared with the plain cache of
 the same method at the same moment. The process's peak RSS (``resource.getrusage``) is printed
-once for the whole run: it is set by the prefill (sdpa's attention buffers and the full cache
-before eviction), and what later rows allocate reuses memory the allocator already holds, so it
-cannot be split into rows from one process.
+after the warm-up and after each method's round, not per row: the prefill (sdpa's attention
+buffers, the full cache before eviction) sets it, and what later rows allocate reuses memory the
+allocator already holds, so one process cannot split it into storages.
 
 "Same answer as none" is the share of the generated tokens equal, position by position, to the
 plain storage's of the same method; "first difference" is the first position (1 = the first
@@ -286,7 +286,11 @@ def main() -> None:
             rows = measure(model, input_ids, each, budget, storages, args.new_tokens)
             for storage, row in rows.items():
                 passes.setdefault((cache, storage), []).append(row)
-            print(f"measured {cache} (pass {repeat + 1} of {args.repeats})", flush=True)
+            print(
+                f"measured {cache} (pass {repeat + 1} of {args.repeats}); peak RSS so far: "
+                f"{peak_rss_mib():.0f} MiB",
+                flush=True,
+            )
     print(f"peak RSS of the process: {peak_rss_mib():.0f} MiB")
     medians = {key: median_row(rows) for key, rows in passes.items()}
     print_table(medians, args.tokens, args, args.new_tokens - 1)
