@@ -98,8 +98,8 @@ def choose_budget(
     if len(given) > 1:
         values = " and ".join(f"{key}={cfg.get(key)}" for key in given)
         raise ValueError(
-            f"Both {values} were given; pass only one budget (tokens, ratio, kv_bytes or "
-            "kv_fraction)."
+            f"Both {values} were given; pass only one of them (a budget in tokens, a ratio, "
+            "kv_bytes or kv_fraction)."
         )
     if given and given[0] in BYTE_KEYS:
         return bytes_as_budget(method, cfg.get("kv_bytes"), cfg.get("kv_fraction"), storage, shape)

@@ -20,7 +20,8 @@ def test_experiment_composes(experiment):
     presses = [m for m in cfg.methods if m.startswith("kvpress-")]
     assert all(press_class_name(m) for m in presses)  # raises for an unknown press
     assert set(cfg.methods) - set(presses) <= set(group_options("method"))
-    assert cfg.ratios or cfg.budgets or list(cfg.methods) == ["full"]
+    budgets = [cfg.ratios, cfg.budgets, cfg.kv_fractions, cfg.kv_byte_budgets]
+    assert any(budgets) or list(cfg.methods) == ["full"]
 
 
 def test_the_kvpress_leaderboard_holds_every_supported_press():
