@@ -343,6 +343,42 @@ def lockstep_layer_forward(layer: nn.Module, caches: list[Cache]):
     return forward
 
 
+VOCABULARY_BLOCK = 1024  # LM head rows per block: 2.4 MB of float32 at SmolLM2's width
+
+
+def vocabulary_blocks_forward(head: nn.Linear):
+    """An LM head's forward over a batch of rows that reads its weight in blocks of
+    ``VOCABULARY_BLOCK`` vocabulary rows, computing every row's logits of a block while the
+    block is in the CPU's cache (a 49152-row head does not fit there whole, so row-by-row
+    products would read it from memory once per row).
+
+    Each logit is the same dot product of one hidden state and one weight row either way; the
+    first call checks that a blocked product equals the whole one bit for bit on this machine's
+    kernels, and falls back to whole products row by row where it does not.
+    """
+    whole = rows_forward(head.forward)
+    blocks_equal_whole: list[bool] = []
+
+    def blocked(states: torch.Tensor) -> torch.Tensor:
+        weight, bias = head.weight, head.bias
+        rows = [states[row : row + 1] for row in range(states.shape[0])]
+        logits = [[] for _ in rows]
+        for start in range(0, weight.shape[0], VOCABULARY_BLOCK):
+            block = weight[start : start + VOCABULARY_BLOCK]
+            block_bias = None if bias is None else bias[start : start + VOCABULARY_BLOCK]
+            for row_logits, row in zip(logits, rows, strict=True):
+                row_logits.append(nn.functional.linear(row, block, block_bias))
+        return torch.cat([torch.cat(row_logits, dim=-1) for row_logits in logits])
+
+    def forward(states: torch.Tensor) -> torch.Tensor:
+        if not blocks_equal_whole:
+            first = states[:1]
+            blocks_equal_whole.append(torch.equal(blocked(first), whole(first)))
+        return (blocked if blocks_equal_whole[0] else whole)(states)
+
+    return forward
+
+
 @contextmanager
 def row_by_row(model: PreTrainedModel, caches: list[Cache]) -> Iterator[None]:
     """While active, a forward of a batch computes every row as batch-1 decoding would, row
@@ -350,7 +386,8 @@ def row_by_row(model: PreTrainedModel, caches: list[Cache]) -> Iterator[None]:
     block runs one row at a time on its row's cache, every linear layer and norm runs each row
     as a batch of 1, one row after the other, and only elementwise operations (the embedding
     lookup, RoPE tables, activations, residual sums) run on the batch. A weight matrix is thus
-    read for every row in turn while it is in the CPU's cache."""
+    read for every row in turn while it is in the CPU's cache; the LM head, too large for the
+    cache, block by block (:func:`vocabulary_blocks_forward`)."""
     stack = decoder(model)
     patched = {}
     for layer in stack.layers:
@@ -361,8 +398,13 @@ def row_by_row(model: PreTrainedModel, caches: list[Cache]) -> Iterator[None]:
         for module in layer.mlp.modules():
             if isinstance(module, nn.Linear):
                 patched[module] = rows_forward(module.forward)
-    for module in (stack.norm, model.get_output_embeddings()):
-        patched[module] = rows_forward(module.forward)
+    patched[stack.norm] = rows_forward(stack.norm.forward)
+    head = model.get_output_embeddings()
+    patched[head] = (
+        vocabulary_blocks_forward(head)
+        if isinstance(head, nn.Linear)
+        else rows_forward(head.forward)
+    )
     own = {m: m.__dict__["forward"] for m in patched if "forward" in m.__dict__}
     try:
         for module, forward in patched.items():

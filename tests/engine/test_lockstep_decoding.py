@@ -8,8 +8,13 @@ from transformers import DynamicCache
 
 from baselines import H2O, Full, PyramidKV, SnapKV, StreamingLLM
 from capkv import Budget, CapKV
+from capkv.engine import decoding
 from capkv.engine.compression import gathered_cache, record_kept
-from capkv.engine.decoding import greedy_generate, lockstep_greedy_generate
+from capkv.engine.decoding import (
+    greedy_generate,
+    lockstep_greedy_generate,
+    vocabulary_blocks_forward,
+)
 from capkv.engine.hooks import run_with_cache
 from capkv.models import build_tiny_model
 from tests.conftest import random_prompt
@@ -30,7 +35,8 @@ NEW_TOKENS = 12
     ("attn_implementation", "protocol"),
     [("sdpa", "query_aware"), ("sdpa", "context_only"), ("eager", "query_aware")],
 )
-def test_lockstep_tokens_equal_each_cell_alone(attn_implementation, protocol):
+def test_lockstep_tokens_equal_each_cell_alone(attn_implementation, protocol, monkeypatch):
+    monkeypatch.setattr(decoding, "VOCABULARY_BLOCK", 100)  # the LM head in blocks: 100, 100, 59
     model, _ = build_tiny_model(seed=0, attn_implementation=attn_implementation)
     prompt = random_prompt(model.config.vocab_size, 200, seed=3)
     question = random_prompt(model.config.vocab_size, 6, seed=4)
@@ -74,3 +80,23 @@ def test_lockstep_leaves_the_model_as_it_was(gqa_model):
     modules = [*model.model.layers, model.model.norm, model.lm_head]
     assert not any("forward" in module.__dict__ for module in modules)
     assert [cache.get_seq_length() for cache in caches] == [50 + 2, 50 + 2]
+
+
+class OffsetHead(torch.nn.Linear):
+    """An LM head whose own forward is not the plain product: blocks cannot equal it."""
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return super().forward(states) + 1e-3
+
+
+@pytest.mark.parametrize("head_type", [torch.nn.Linear, OffsetHead])
+def test_vocabulary_blocks_equal_the_head_row_by_row(head_type, monkeypatch):
+    monkeypatch.setattr(decoding, "VOCABULARY_BLOCK", 100)
+    torch.manual_seed(0)
+    head = head_type(64, 259, bias=head_type is OffsetHead)
+    states = torch.randn(5, 1, 64)
+    blocked = vocabulary_blocks_forward(head)
+    with torch.inference_mode():
+        for _ in range(2):  # the check on the first call, then its verdict
+            logits = blocked(states)
+            assert all(torch.equal(logits[row], head(states[row : row + 1])[0]) for row in range(5))
