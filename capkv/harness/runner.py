@@ -17,7 +17,7 @@ from tqdm import tqdm
 from transformers import Cache, DynamicCache, PreTrainedModel
 
 from capkv.engine.budget import Budget
-from capkv.engine.compression import CompressionRecord, evict
+from capkv.engine.compression import CompressionRecord, evict, gathered_cache
 from capkv.engine.decoding import (
     batched_greedy_generate,
     greedy_generate,
@@ -514,6 +514,14 @@ class Cell:
     def __post_init__(self) -> None:
         self.measure_bytes = self.measure_bytes or self.quantization.active
         self.log = RunLog(self.run_dir, self.identity, self.shard, self.config)
+
+    def decoding_cache(self, full_cache: Cache, record: CompressionRecord) -> Cache:
+        """This cell's cache as decoding reads it in a sweep: the entries of the example's
+        ``full_cache`` that ``record`` kept, gathered, then stored as the cell stores them
+        (:func:`stored`)."""
+        return stored(
+            gathered_cache(full_cache, record), record, self.quantization, self.measure_bytes
+        )
 
 
 def shard_lock_path(run_dir: Path, shard: Shard) -> Path:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from transformers import Cache, DynamicCache, PreTrainedModel
 
 from capkv.analysis.diagnostics import CapacityProbe
-from capkv.engine.compression import CompressionRecord, evict, gathered_cache, record_kept
+from capkv.engine.compression import CompressionRecord, evict, record_kept
 from capkv.engine.decoding import batched_greedy_generate, greedy_generate
 from capkv.engine.streaming import streamed
 from capkv.harness.runner import (
@@ -413,15 +413,7 @@ def run_shared_sweep(
             for members in (
                 decoding_groups(records) if batched else [[i] for i in range(len(pending))]
             ):
-                caches = [
-                    stored(
-                        gathered_cache(full_cache, records[i]),
-                        records[i],
-                        pending[i].quantization,
-                        pending[i].measure_bytes,
-                    )
-                    for i in members
-                ]
+                caches = [pending[i].decoding_cache(full_cache, records[i]) for i in members]
                 if len(caches) > 1:
                     together = answer_turns_together(
                         model, tokenizer, caches, group, protocol, last_logits

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
 from capkv.analysis.diagnostics import CapacityProbe, attention_errors, decoding_queries
-from capkv.engine.compression import CompressionRecord, gathered_cache, record_kept
+from capkv.engine.compression import CompressionRecord, record_kept
 from capkv.engine.decoding import check_batchable
 from capkv.harness.runner import (
     Cell,
@@ -41,7 +41,6 @@ from capkv.harness.runner import (
     prefill_ids,
     prepared_examples,
     result_row,
-    stored,
 )
 from capkv.tasks.base import Task
 from capkv.tasks.prompting import PromptIds
@@ -163,15 +162,7 @@ def run_sweep(
             groups = decoding_groups(records) if batched else [list(range(len(pending)))]
             for group in groups:
                 start = time.perf_counter()
-                caches = [
-                    stored(
-                        gathered_cache(full_cache, records[i]),
-                        records[i],
-                        pending[i].quantization,
-                        pending[i].measure_bytes,
-                    )
-                    for i in group
-                ]
+                caches = [pending[i].decoding_cache(full_cache, records[i]) for i in group]
                 predictions = decode(
                     model,
                     tokenizer,
