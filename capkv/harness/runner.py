@@ -33,7 +33,7 @@ from capkv.results.metrics import write_metrics
 from capkv.results.store import CONFIG, ExampleLog, finished_rows, read_rows, stored_config
 from capkv.storage.files import signals_deferred, write_atomically
 from capkv.storage.locking import FileLock, LockHeld, is_held, locked
-from capkv.tasks.base import Example, Reporting, Task, task_reporting
+from capkv.tasks.base import Example, Reporting, Task, extent_settings, task_reporting
 from capkv.tasks.common import prompt_limit
 from capkv.tasks.prompting import PromptIds, prompt_overhead, tokenize_prompt
 
@@ -324,16 +324,19 @@ def check_same_config(run_dir: Path, resolved: dict[str, Any]) -> None:
     """A directory holding results of other settings is never silently extended.
 
     A setting the stored config lacks (added to the project after that folder was written)
-    matches its default value.
+    matches its default value. The task's settings that only count its examples
+    (:func:`~capkv.tasks.base.extent_settings`, e.g. RULER's ``num_examples``) may differ: a run
+    with more examples extends the folder, its first examples being the ones already there.
     """
     stored = stored_config(run_dir)
     if stored is None:
         return
+    extents = {"task": extent_settings(resolved["task"])}
     differing = [
         f"{section}.{key}"
         for section in ("model", "method", "task")
         for key in sorted(set(stored.get(section, {})) | set(resolved[section]))
-        if key != "max_examples"
+        if key not in extents.get(section, ())
         and stored[section].get(key, field_default(resolved[section], key))
         != resolved[section].get(key)
     ]
@@ -362,9 +365,15 @@ def field_default(node: dict[str, Any], key: str) -> Any:
 
 def write_config(run_dir: Path, resolved: dict[str, Any]) -> None:
     """Declare what a cell's folder holds before its first row (checked again here, under the
-    cell's lock, in case another process wrote other settings since planning)."""
+    cell's lock, in case another process wrote other settings since planning). A setting that
+    counts examples keeps the larger of its stored and new values: the folder holds that many."""
     check_same_config(run_dir, resolved)
-    write_atomically(run_dir / CONFIG, OmegaConf.to_yaml(resolved))
+    stored = (stored_config(run_dir) or {}).get("task", {})
+    task = dict(resolved["task"])
+    for key in extent_settings(task):
+        if isinstance(stored.get(key), int) and isinstance(task.get(key), int):
+            task[key] = max(stored[key], task[key])
+    write_atomically(run_dir / CONFIG, OmegaConf.to_yaml({**resolved, "task": task}))
 
 
 class RunLog:

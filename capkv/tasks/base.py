@@ -88,6 +88,16 @@ class Reporting:
         return cls(saved["benchmark"], saved["headline"], dict(saved["families"]))
 
 
+def extent_settings(task_config: Mapping[str, Any]) -> frozenset[str]:
+    """The settings of the task a config describes that only count its examples (its class's
+    ``EXTENT_SETTINGS``, see :class:`Task`), and ``max_examples``, which caps every task."""
+    try:
+        cls = get_class(task_config["_target_"])
+    except Exception:  # a folder of a task class that no longer exists: every setting counts
+        return frozenset({"max_examples"})
+    return frozenset({"max_examples", *getattr(cls, "EXTENT_SETTINGS", ())})
+
+
 def task_reporting(task_config: Mapping[str, Any]) -> Reporting:
     """The :class:`Reporting` of the task a config describes (the ``task`` section of a run's
     config), asked of its ``_target_`` class without building the task (no data is read)."""
@@ -113,6 +123,11 @@ class Task(Protocol):
     examples by identical context, prefill and compress each once and ask its questions in turn;
     :func:`shares_contexts` reads it (False for a task without the method), and
     :data:`SHARED_CONTEXT_TASKS` lists the tasks that can.
+
+    Optional: a class attribute ``EXTENT_SETTINGS``, the names of the task's settings that only
+    say how many examples it has, each example being the same whatever their value (RULER's
+    ``num_examples``: example ``i`` is drawn from its seed and index alone). A results folder
+    written with another value of them is extended, not refused (:func:`extent_settings`).
     """
 
     name: str

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import Any
 
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from capkv.harness.runner import check_same_config, write_config
+from capkv.results.store import stored_config
 from capkv.tasks.base import Example
 from capkv.tasks.ruler import (
     SUBTASKS,
@@ -68,6 +71,31 @@ def test_examples_are_deterministic_per_seed(tokenizer) -> None:
     other = generate(NiahTask(context_lengths=[512], num_examples=1, seed=1), tokenizer)
     assert first == again
     assert first[0].answers != other[0].answers
+
+
+def test_more_examples_extend_fewer_and_a_folder_of_fewer(tokenizer, tmp_path) -> None:
+    # num_examples only counts examples (RulerSuite.EXTENT_SETTINGS): example i is the same
+    # whatever it is, so a widened run extends a folder of fewer and keeps its rows.
+    fewer = generate(RulerSuite(context_lengths=[LENGTH, 1536], num_examples=1), tokenizer)
+    more = generate(RulerSuite(context_lengths=[LENGTH, 1536], num_examples=3), tokenizer)
+    assert len(more) == 3 * len(fewer)
+    assert fewer == [example for example in more if example.example_id.endswith("_000")]
+
+    def config(**task: Any) -> dict[str, Any]:
+        task = {"_target_": "capkv.tasks.ruler.RulerSuite", "num_examples": 1, **task}
+        return {"model": {"name": "m"}, "method": {"name": "capkv"}, "task": task}
+
+    write_config(tmp_path, config())
+    check_same_config(tmp_path, config(num_examples=9))
+    write_config(tmp_path, config(num_examples=9))
+    write_config(tmp_path, config(num_examples=3))  # the folder still holds 9 per length
+    assert stored_config(tmp_path)["task"]["num_examples"] == 9
+    with pytest.raises(ValueError, match=r"other settings \(differs in task.seed\)"):
+        check_same_config(tmp_path, config(num_examples=9, seed=1))
+    needle = {"_target_": "capkv.tasks.needle.NeedleTask", "depths": [0]}
+    write_config(tmp_path / "needle", {**config(), "task": needle})
+    with pytest.raises(ValueError, match=r"differs in task.depths"):
+        check_same_config(tmp_path / "needle", {**config(), "task": {**needle, "depths": [0, 50]}})
 
 
 def needles_of(example: Example) -> list[tuple[str, str]]:

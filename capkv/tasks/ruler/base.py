@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from capkv.tasks.base import Example
 from capkv.tasks.common import check_prompt_fits, prompt_limit
@@ -93,6 +93,9 @@ class RulerTask:
     subtask: str = ""
     family: str = ""
     name: str = ""
+    # Example i of a length is drawn from (seed, subtask, length, i) alone, its size searched from
+    # example i - 1's: a run with more examples extends a folder of fewer (Task's EXTENT_SETTINGS).
+    EXTENT_SETTINGS: ClassVar[tuple[str, ...]] = ("num_examples",)
 
     def __post_init__(self) -> None:
         self.context_lengths = [int(length) for length in self.context_lengths]

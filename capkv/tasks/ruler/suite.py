@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
@@ -102,6 +102,7 @@ class RulerSuite:
     num_questions: int = 1
     name: str = "ruler"
     tasks: dict[str, RulerTask] = field(init=False, repr=False)
+    EXTENT_SETTINGS: ClassVar[tuple[str, ...]] = RulerTask.EXTENT_SETTINGS
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.subtasks) - set(variants()))
