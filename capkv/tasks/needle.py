@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from capkv.tasks.base import Example, Reporting
 from capkv.tasks.common import (
@@ -128,6 +128,13 @@ class NeedleTask:
         tokens, so the context stays about ``L`` tokens. Needs needles with keys: the
         ``magic_number`` kind, and ``{key}`` in an overridden needle and question. The intro is
         the kind's (one number asked per question, as NiahTask's multi-key intro).
+    num_samples : int
+        Needles drawn per (length, depth) cell, each its own example (its own key and value,
+        so its own needle sentence and question; the free-text needle has one sentence, so its
+        samples differ by nothing but their ids). Sample ``s`` > 0 is drawn from ``(seed,
+        length, depth, s)``, sample 0 from ``(seed, length, depth)`` as before this setting
+        existed, ids ``len{L}_depth{d}`` then ``len{L}_depth{d}_s{s}``: a run with more samples
+        extends a folder of fewer (:data:`EXTENT_SETTINGS`).
     max_new_tokens : int, optional
         Greedy decoding length; 16 for magic numbers, 32 for the free-text needle by default.
     name : str
@@ -141,7 +148,7 @@ class NeedleTask:
     for the free-text needle.
     The metadata of every example holds ``context_length``, ``depth`` (its own needle's) and
     ``needle_value``; with k > 1 also ``context_depth`` (the cell's depth), ``num_needles`` and
-    ``needle_index``.
+    ``needle_index``; with several samples also ``sample``.
     """
 
     context_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 3072, 4096, 5120, 6144])
@@ -155,7 +162,9 @@ class NeedleTask:
     seed: int = 42
     max_new_tokens: int | None = None
     num_needles: int = 1
+    num_samples: int = 1
     name: str = "needle"
+    EXTENT_SETTINGS: ClassVar[tuple[str, ...]] = ("num_samples",)
 
     def __post_init__(self) -> None:
         if self.needle_kind not in NEEDLE_KINDS:
@@ -176,6 +185,12 @@ class NeedleTask:
                 "pass task.max_new_tokens=16, or null for the needle kind's default."
             )
         self._check_num_needles()
+        count = self.num_samples
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(
+                f"task.num_samples={count!r} is not a number of needles per cell of at least 1; "
+                "pass e.g. task.num_samples=3 (or 1 for one needle per length and depth)."
+            )
 
     def _check_num_needles(self) -> None:
         """Refuse, in one line, a needle count that is not a positive integer, or several needles
@@ -216,12 +231,18 @@ class NeedleTask:
         """The needle benchmark (its per-example grid is tabled), headline ``exact``."""
         return Reporting("needle", HEADLINE)
 
-    def fills(self, context_length: int, depth: float) -> list[dict[str, str]]:
-        """The ``num_needles`` distinct keys and values of one cell, drawn from the seed."""
-        rng = random.Random(f"{self.seed}:{context_length}:{depth}")
+    def fills(self, context_length: int, depth: float, sample: int = 0) -> list[dict[str, str]]:
+        """The ``num_needles`` distinct keys and values of one cell's sample ``sample``, drawn
+        from the seed."""
+        rng = random.Random(self._seed_text(context_length, depth, sample))
         keys = distinct(lambda: magic_key(rng), self.num_needles)
         values = distinct(lambda: magic_number(rng), self.num_needles)
         return [{"key": key, "value": value} for key, value in zip(keys, values, strict=True)]
+
+    def _seed_text(self, context_length: int, depth: float, sample: int) -> str:
+        """What one sample of a cell is drawn from (sample 0: as before samples existed)."""
+        text = f"{self.seed}:{context_length}:{depth}"
+        return text if sample == 0 else f"{text}:sample{sample}"
 
     def needle_depths(self, depth: float) -> list[float]:
         """Depth of each needle of a cell at ``depth``: needle ``j`` at ``(depth + j * 100 / k)
@@ -229,17 +250,20 @@ class NeedleTask:
         count = self.num_needles
         return [depth] + [(depth + j * 100 / count) % 100 for j in range(1, count)]
 
-    def asking_order(self, context_length: int, depth: float) -> list[int]:
-        """The needle indices of a cell in the order they are asked: seeded, shuffled."""
+    def asking_order(self, context_length: int, depth: float, sample: int = 0) -> list[int]:
+        """The needle indices of a cell's sample in the order they are asked: seeded, shuffled."""
         order = list(range(self.num_needles))
         if self.num_needles > 1:
-            random.Random(f"{self.seed}:{context_length}:{depth}:order").shuffle(order)
+            seed_text = self._seed_text(context_length, depth, sample)
+            random.Random(f"{seed_text}:order").shuffle(order)
         return order
 
-    def texts(self, context_length: int, depth: float, index: int = 0) -> dict[str, str]:
-        """Intro, needle, question, answer and answer prefix of needle ``index`` of one cell, its
-        key and value filled in."""
-        fill = self.fills(context_length, depth)[index]
+    def texts(
+        self, context_length: int, depth: float, index: int = 0, sample: int = 0
+    ) -> dict[str, str]:
+        """Intro, needle, question, answer and answer prefix of needle ``index`` of one cell's
+        sample ``sample``, its key and value filled in."""
+        fill = self.fills(context_length, depth, sample)[index]
         overrides = {
             "intro": self.intro,
             "needle": self.needle,
@@ -252,15 +276,20 @@ class NeedleTask:
             for part, default in NEEDLE_KINDS[self.needle_kind].items()
         }
 
-    def example(self, tokenizer: Any, context_length: int, depth: float) -> Example:
-        """The example of one (length, depth) cell (the first asked, with several needles)."""
-        return self.cell(tokenizer, context_length, depth)[0]
+    def example(
+        self, tokenizer: Any, context_length: int, depth: float, sample: int = 0
+    ) -> Example:
+        """The example of one (length, depth) cell's sample (the first asked, with several
+        needles)."""
+        return self.cell(tokenizer, context_length, depth, sample)[0]
 
-    def cell(self, tokenizer: Any, context_length: int, depth: float) -> list[Example]:
-        """The examples of one (length, depth) cell, in asking order: one, or with k needles k
-        sharing one context."""
+    def cell(
+        self, tokenizer: Any, context_length: int, depth: float, sample: int = 0
+    ) -> list[Example]:
+        """The examples of one (length, depth) cell's sample ``sample``, in asking order: one,
+        or with k needles k sharing one context."""
         count = self.num_needles
-        texts = [self.texts(context_length, depth, j) for j in range(count)]
+        texts = [self.texts(context_length, depth, j, sample) for j in range(count)]
         depths = self.needle_depths(depth)
         needles = [part["needle"] for part in texts]
         needle_tokens = sum(
@@ -272,13 +301,16 @@ class NeedleTask:
         intro = texts[0]["intro"]
         context = f"{intro}\n{essays}" if intro else essays
         examples = []
-        for j in self.asking_order(context_length, depth):
+        for j in self.asking_order(context_length, depth, sample):
             metadata: dict[str, Any] = {
                 "context_length": context_length,
                 "depth": depths[j],
                 "needle_value": texts[j]["answer"],
             }
             example_id = f"len{context_length}_depth{depth:g}"
+            if sample > 0:
+                metadata["sample"] = sample
+                example_id += f"_s{sample}"
             if count > 1:
                 metadata |= {"context_depth": depth, "num_needles": count, "needle_index": j}
                 example_id += f"_key{j}"
@@ -297,8 +329,9 @@ class NeedleTask:
         return examples
 
     def examples(self, tokenizer: Any, max_prompt_tokens: int) -> Iterator[Example]:
-        """Yield the examples of each (length, depth) cell, lengths outer: one per cell, or with
-        k needles the cell's k examples consecutively, in their asking order.
+        """Yield the examples of each (length, depth) cell, lengths outer, then depths, then
+        samples: one per sample, or with k needles the sample's k examples consecutively, in
+        their asking order.
 
         Raises
         ------
@@ -312,7 +345,8 @@ class NeedleTask:
             example
             for length in self.context_lengths
             for depth in self.depths
-            for example in self.cell(tokenizer, length, depth)
+            for sample in range(self.num_samples)
+            for example in self.cell(tokenizer, length, depth, sample)
         ]
         for example in examples:
             check_prompt_fits(tokenizer, example, max_prompt_tokens)

@@ -112,6 +112,25 @@ def test_values_are_deterministic_per_seed_and_cell() -> None:
     assert re.fullmatch(r"[a-z]+-[a-z]+", key_of(texts["question"]))
 
 
+def test_more_samples_per_cell_extend_fewer(tokenizer) -> None:
+    # Sample 0 of each (length, depth) is today's only needle, so a run with num_samples=3
+    # extends a folder of one needle per cell (NeedleTask.EXTENT_SETTINGS).
+    grid = {"context_lengths": [256, 512], "depths": [0.0, 50.0]}
+    one = list(NeedleTask(**grid).examples(tokenizer, 4096))
+    three = list(NeedleTask(**grid, num_samples=3).examples(tokenizer, 4096))
+    assert [e.example_id for e in three[:3]] == [
+        "len256_depth0",
+        "len256_depth0_s1",
+        "len256_depth0_s2",
+    ]
+    assert [e for e in three if "sample" not in e.metadata] == one
+    cell = [e for e in three if e.metadata["context_length"] == 512 and e.metadata["depth"] == 50]
+    assert len({e.answers[0] for e in cell}) == 3  # three values, three needle sentences
+    assert len({e.question for e in cell}) == 3
+    assert [e.metadata.get("sample", 0) for e in cell] == [0, 1, 2]
+    assert NeedleTask.EXTENT_SETTINGS == ("num_samples",)
+
+
 def test_san_francisco_needle_and_overrides() -> None:
     texts = NeedleTask(needle_kind="san_francisco").texts(1024, 0.0)
     assert texts["needle"].startswith("The best thing to do in San Francisco is eat a sandwich")
@@ -138,6 +157,8 @@ def test_invalid_settings_are_rejected() -> None:
         NeedleTask(needle_kind="passkey")
     with pytest.raises(ValueError, match="depths"):
         NeedleTask(depths=[120])
+    with pytest.raises(ValueError, match=r"task.num_samples=0 is not a number of needles"):
+        NeedleTask(num_samples=0)
 
 
 def test_levenshtein_and_graded_digit_score() -> None:
