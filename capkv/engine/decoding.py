@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +223,30 @@ def has_room(layer: DynamicLayer, tokens: int) -> bool:
 
 
 @torch.inference_mode()
+def check_one_start(function: str, input_ids: Any, next_token_logits: Any) -> None:
+    """Refuse a decoding call given both or neither of its two starts (the tokens to feed, or
+    the prefill's last logits)."""
+    if (input_ids is None) == (next_token_logits is None):
+        raise ValueError(f"Pass exactly one of input_ids and next_token_logits to {function}.")
+
+
+def append_tokens(
+    generated: list[list[int]],
+    alive: list[int],
+    tokens: list[int],
+    eos_token_ids: Sequence[int],
+    max_new_tokens: int,
+) -> list[int]:
+    """Append each row's token to the ids generated for the cache behind it (``alive[row]``);
+    return the rows that go on decoding (no stop token, fewer than ``max_new_tokens``)."""
+    keep = []
+    for row, (index, token) in enumerate(zip(alive, tokens, strict=True)):
+        generated[index].append(token)
+        if token not in eos_token_ids and len(generated[index]) < max_new_tokens:
+            keep.append(row)
+    return keep
+
+
 def greedy_generate(
     model: PreTrainedModel,
     cache: Cache,
@@ -257,8 +282,7 @@ def greedy_generate(
     list[int]
         The generated token ids.
     """
-    if (input_ids is None) == (next_token_logits is None):
-        raise ValueError("Pass exactly one of input_ids and next_token_logits to greedy_generate.")
+    check_one_start("greedy_generate", input_ids, next_token_logits)
     device = model.device
     generated: list[int] = []
     position = start_position
@@ -442,10 +466,7 @@ def lockstep_greedy_generate(
     list of list of int
         The generated token ids of each cache, in the order of ``caches``.
     """
-    if (input_ids is None) == (next_token_logits is None):
-        raise ValueError(
-            "Pass exactly one of input_ids and next_token_logits to lockstep_greedy_generate."
-        )
+    check_one_start("lockstep_greedy_generate", input_ids, next_token_logits)
     device = model.device
     extra = 0 if input_ids is None else input_ids.shape[1]
     for cache in caches:
@@ -470,11 +491,7 @@ def lockstep_greedy_generate(
                 ).logits[:, -1]
                 position += n_new
             tokens = [int(row_logits.argmax()) for row_logits in logits]
-            keep = []
-            for row, (index, token) in enumerate(zip(alive, tokens, strict=True)):
-                generated[index].append(token)
-                if token not in eos_token_ids and len(generated[index]) < max_new_tokens:
-                    keep.append(row)
+            keep = append_tokens(generated, alive, tokens, eos_token_ids, max_new_tokens)
             alive = [alive[row] for row in keep]
             rows[:] = [caches[i] for i in alive]
             input_ids = torch.tensor([tokens[row] for row in keep], device=device).view(-1, 1)
@@ -590,10 +607,7 @@ def batched_greedy_generate(
     list of list of int
         The generated token ids of each cache, in the order of ``caches``.
     """
-    if (input_ids is None) == (next_token_logits is None):
-        raise ValueError(
-            "Pass exactly one of input_ids and next_token_logits to batched_greedy_generate."
-        )
+    check_one_start("batched_greedy_generate", input_ids, next_token_logits)
     check_batchable(model)
     if max_new_tokens < 1:
         return [[] for _ in caches]
@@ -621,11 +635,7 @@ def batched_greedy_generate(
                 ).logits[:, -1]
                 position += n_new
             tokens = next_token_logits.argmax(dim=-1).tolist()
-            keep = []
-            for row, (index, token) in enumerate(zip(alive, tokens, strict=True)):
-                generated[index].append(token)
-                if token not in eos_token_ids and len(generated[index]) < max_new_tokens:
-                    keep.append(row)
+            keep = append_tokens(generated, alive, tokens, eos_token_ids, max_new_tokens)
             if len(keep) < len(alive):
                 rows = torch.tensor(keep, device=device, dtype=torch.long)
                 cache.batch_select_indices(rows)
