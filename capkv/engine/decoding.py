@@ -222,7 +222,6 @@ def has_room(layer: DynamicLayer, tokens: int) -> bool:
     )
 
 
-@torch.inference_mode()
 def check_one_start(function: str, input_ids: Any, next_token_logits: Any) -> None:
     """Refuse a decoding call given both or neither of its two starts (the tokens to feed, or
     the prefill's last logits)."""
@@ -247,6 +246,7 @@ def append_tokens(
     return keep
 
 
+@torch.inference_mode()
 def greedy_generate(
     model: PreTrainedModel,
     cache: Cache,
